@@ -1,0 +1,1 @@
+"""``ectransfer-bench``: throughput of every transport side by side."""

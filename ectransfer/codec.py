@@ -1,0 +1,260 @@
+"""The wire codec: one safetensors entry per item.
+
+Layout (the safetensors format, readable by ``safetensors.torch.load``)::
+
+    u64 little-endian N | N bytes of JSON header (space padded to 8) | payload bytes
+
+The header holds one tensor, ``ec_cache`` (the name vLLM's ``ECExampleConnector`` uses), and
+``__metadata__`` with the format version, the namespace and a checksum. The checksum is
+xxh3-64 over a description of the tensor (dtype, shape, namespace) followed by the payload, so
+a flipped payload byte *and* a header that lies about dtype or shape are both detected.
+
+Entries with no ``__metadata__`` at all (written by vLLM's ``ECExampleConnector`` or plain
+``safetensors.torch.save_file``) are *foreign*: structurally validated, but they carry no
+checksum to verify. Metadata that is present but incomplete is corruption.
+
+The encoder never copies the payload: :func:`encode` returns the header bytes and a
+memoryview of the tensor's own storage, so byte-oriented backends can scatter/gather them.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from ectransfer.errors import CorruptEntryError, IncompatibleTensorError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "TENSOR_NAME",
+    "EncodedEntry",
+    "EntryHeader",
+    "decode",
+    "encode",
+    "header_length",
+    "parse_header",
+    "payload_view",
+    "verify_payload",
+]
+
+FORMAT_VERSION = "1"
+TENSOR_NAME = "ec_cache"
+_META_FORMAT = "ectransfer.format"
+_META_CHECKSUM = "ectransfer.checksum"
+_META_NAMESPACE = "ectransfer.namespace"
+_MAX_HEADER = 1 << 20  # a one-tensor header is a few hundred bytes; refuse absurd lengths
+_MAX_RANK = 32
+
+_DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    """What the header of an entry says, after validation."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    header_len: int  # 8 + N: offset of the payload in the entry
+    nbytes: int  # payload length
+    checksum: str | None  # None for foreign entries
+    namespace: str | None  # None for foreign entries
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_len(self) -> int:
+        return self.header_len + self.nbytes
+
+
+@dataclass(frozen=True)
+class EncodedEntry:
+    """An encoded entry: ``header`` then ``payload`` (a view of the tensor's storage)."""
+
+    header: bytes
+    payload: memoryview
+    tensor: torch.Tensor  # keeps the storage behind ``payload`` alive
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + len(self.payload)
+
+    def to_bytes(self) -> bytes:
+        """Join header and payload (one copy); prefer writing the two parts separately."""
+        return b"".join((self.header, self.payload))
+
+
+def _checksum(dtype_name: str, shape: tuple[int, ...], namespace: str, payload: Any) -> str:
+    h = xxhash.xxh3_64()
+    h.update(f"{dtype_name}|{','.join(map(str, shape))}|{namespace}|".encode())
+    h.update(payload)
+    return "xxh3_64:" + h.hexdigest()
+
+
+def payload_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage (no copy)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("payload_view needs a contiguous CPU tensor")
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]
+
+
+def encode(tensor: torch.Tensor, namespace: str = "") -> EncodedEntry:
+    """Encode ``tensor`` (any rank, any strides, CPU) as a safetensors entry."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    dtype_name = _DTYPE_TO_ST.get(tensor.dtype)
+    if dtype_name is None:
+        raise IncompatibleTensorError(f"dtype {tensor.dtype} is not supported by the wire codec")
+    if tensor.device.type != "cpu":
+        raise IncompatibleTensorError("encode() takes CPU tensors; stage device tensors first")
+    tensor = tensor.detach().contiguous()
+    shape = tuple(tensor.shape)
+    payload = payload_view(tensor)
+    meta = {
+        _META_FORMAT: FORMAT_VERSION,
+        _META_NAMESPACE: namespace,
+        _META_CHECKSUM: _checksum(dtype_name, shape, namespace, payload),
+    }
+    hdr = {
+        "__metadata__": meta,
+        TENSOR_NAME: {"dtype": dtype_name, "shape": list(shape), "data_offsets": [0, len(payload)]},
+    }
+    raw = json.dumps(hdr, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return EncodedEntry(struct.pack("<Q", len(raw)) + raw, payload, tensor)
+
+
+def header_length(first8: bytes | memoryview) -> int:
+    """Total header length (8 + N) given the entry's first 8 bytes."""
+    if len(first8) < 8:
+        raise CorruptEntryError(f"entry is truncated: {len(first8)} bytes, not even a header length")
+    n: int = struct.unpack("<Q", bytes(first8[:8]))[0]
+    if n == 0 or n > _MAX_HEADER:
+        raise CorruptEntryError(f"entry has an impossible header length {n}")
+    return 8 + n
+
+
+def parse_header(prefix: bytes | memoryview, *, key: str = "?") -> EntryHeader:
+    """Validate and parse the header at the start of ``prefix`` (which may hold more bytes)."""
+    hlen = header_length(prefix)
+    if len(prefix) < hlen:
+        raise CorruptEntryError(f"entry {key!r} is truncated inside its header")
+    try:
+        obj = json.loads(bytes(prefix[8:hlen]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptEntryError(f"entry {key!r} has an unreadable header: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CorruptEntryError(f"entry {key!r} header is not a JSON object")
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptEntryError(f"entry {key!r} has malformed __metadata__")
+    if list(obj) != [TENSOR_NAME]:
+        raise CorruptEntryError(f"entry {key!r} must hold exactly one tensor {TENSOR_NAME!r}, has {sorted(obj)}")
+    info = obj[TENSOR_NAME]
+    try:
+        dtype = _ST_TO_DTYPE[info["dtype"]]
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptEntryError(f"entry {key!r} has an invalid tensor description {info!r}") from None
+    if len(shape) > _MAX_RANK or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CorruptEntryError(f"entry {key!r} has an impossible shape {list(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if start != 0 or end != nbytes:
+        raise CorruptEntryError(
+            f"entry {key!r} header is inconsistent: offsets {[start, end]} for {nbytes} bytes of {info['dtype']}{list(shape)}"
+        )
+    if not meta:  # foreign: vLLM's ECExampleConnector and safetensors.save_file write none
+        return EntryHeader(dtype, shape, hlen, nbytes, None, None, {})
+    # Metadata present must be ours and complete: otherwise one flipped byte in a metadata
+    # key would turn a checksummed entry into an unchecked "foreign" one.
+    missing = [k for k in (_META_FORMAT, _META_CHECKSUM, _META_NAMESPACE) if k not in meta]
+    if missing:
+        raise CorruptEntryError(f"entry {key!r} has metadata without {', '.join(missing)}")
+    if meta[_META_FORMAT] != FORMAT_VERSION:
+        raise CorruptEntryError(f"entry {key!r} has unknown format version {meta[_META_FORMAT]!r}")
+    return EntryHeader(dtype, shape, hlen, nbytes, meta[_META_CHECKSUM], meta[_META_NAMESPACE], meta)
+
+
+def verify_payload(header: EntryHeader, payload: Any, *, namespace: str = "", key: str = "?") -> None:
+    """Raise :class:`CorruptEntryError` unless ``payload`` matches ``header``'s checksum.
+
+    Foreign entries (no checksum) pass. A namespace recorded in the entry must equal
+    ``namespace``: two models sharing a store never read each other's embeddings.
+    """
+    if len(payload) != header.nbytes:
+        raise CorruptEntryError(f"entry {key!r} is truncated: payload {len(payload)} of {header.nbytes} bytes")
+    if header.checksum is None:
+        return
+    if header.namespace != namespace:
+        raise CorruptEntryError(
+            f"entry {key!r} belongs to namespace {header.namespace!r}, not {namespace!r}"
+        )
+    actual = _checksum(_DTYPE_TO_ST[header.dtype], header.shape, header.namespace or "", payload)
+    if actual != header.checksum:
+        raise CorruptEntryError(f"entry {key!r} failed its checksum ({actual} != {header.checksum})")
+
+
+def check_destination(header: EntryHeader, out: torch.Tensor, *, key: str = "?") -> None:
+    """Raise :class:`IncompatibleTensorError` unless ``out`` can receive the entry."""
+    if out.dtype != header.dtype or tuple(out.shape) != header.shape:
+        raise IncompatibleTensorError(
+            f"entry {key!r} is {header.dtype}{list(header.shape)}, destination is {out.dtype}{list(out.shape)}"
+        )
+    if not out.is_contiguous():
+        raise IncompatibleTensorError("get_into needs a contiguous destination tensor")
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    namespace: str = "",
+    out: torch.Tensor | None = None,
+    key: str = "?",
+) -> torch.Tensor:
+    """Validate an entire entry and copy its tensor into ``out`` (or a new CPU tensor).
+
+    Raises :class:`CorruptEntryError` for any truncation, trailing garbage, bad header or
+    checksum mismatch; nothing is written to ``out`` in that case.
+    """
+    view = memoryview(data).cast("B")
+    header = parse_header(view, key=key)
+    if len(view) != header.total_len:
+        raise CorruptEntryError(
+            f"entry {key!r} has {len(view)} bytes, its header promises {header.total_len}"
+        )
+    payload = view[header.header_len :]
+    verify_payload(header, payload, namespace=namespace, key=key)
+    if out is None:
+        out = torch.empty(header.shape, dtype=header.dtype)
+    else:
+        check_destination(header, out, key=key)
+    if header.nbytes:
+        if out.device.type == "cpu":
+            np.copyto(np.asarray(payload_view(out)), np.frombuffer(payload, dtype=np.uint8))
+        else:
+            staged = torch.empty(header.shape, dtype=header.dtype)
+            np.copyto(np.asarray(payload_view(staged)), np.frombuffer(payload, dtype=np.uint8))
+            out.copy_(staged)
+    return out
