@@ -1,0 +1,1 @@
+"""Framework-neutral connector lifecycle (never imports vLLM)."""
