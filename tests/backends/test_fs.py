@@ -209,3 +209,33 @@ def test_fsync_mode_round_trips(tmp_path: Path) -> None:
     with open_backend(str(tmp_path), fsync=True) as be:
         be.put("k", torch.arange(10))
         assert torch.equal(be.get("k"), torch.arange(10))
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("remote")
+
+
+@pytest.fixture(scope="module")
+def remote_reader(shared_root: Path) -> Any:
+    from ectransfer.testing.remote import RemoteBackend
+
+    r = RemoteBackend.start(f"file://{shared_root}", timeout_s=60)
+    yield r
+    r.close()
+
+
+class TestFsReadByAnotherProcess(_FsCorrupt, BackendTests):
+    """The reader is a RemoteBackend in a child process: entries cross a process boundary."""
+
+    @pytest.fixture
+    def backend_factory(self, shared_root: Path) -> Callable[..., Backend[Any]]:
+        import shutil
+
+        for child in shared_root.iterdir():  # every test starts from an empty store
+            shutil.rmtree(child)
+        return lambda **opts: open_backend(f"file://{shared_root}", **opts)
+
+    @pytest.fixture
+    def reader(self, backend: Backend[Any], remote_reader: Any) -> Any:
+        return remote_reader
