@@ -167,9 +167,23 @@ class Backend(abc.ABC, Generic[CfgT]):
         return storage_key(self._namespace, validate_key(key))
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        """Store ``tensor`` under ``key``, replacing any previous entry."""
+        """Store ``tensor`` under ``key``, replacing any previous entry.
+
+        Device tensors are staged through a reused pinned buffer (see
+        :mod:`ectransfer.connector.staging`) unless the backend is ``zero_copy_device``.
+        """
         skey = self._skey(key)
         self._check_open()
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda" \
+                and not self.capabilities.zero_copy_device:
+            from ectransfer.connector.staging import default_pool, to_host_async
+
+            staged = to_host_async(tensor, default_pool(), self.config.timeout_s)
+            try:
+                self._put(skey, staged.wait())
+            finally:
+                staged.release()
+            return
         self._put(skey, _to_host(tensor))
 
     def get(self, key: str, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -192,10 +206,20 @@ class Backend(abc.ABC, Generic[CfgT]):
         if out.device.type == "cpu" or self.capabilities.zero_copy_device:
             self._get_into(skey, out)
         else:
-            staged = torch.empty(out.shape, dtype=out.dtype)
-            self._get_into(skey, staged)
-            out.copy_(staged)
+            self._get_into_via_host(skey, out)
         return out
+
+    def _get_into_via_host(self, skey: str, out: torch.Tensor) -> None:
+        """Land an entry in a device tensor through a reused pinned staging buffer."""
+        from ectransfer.connector.staging import default_pool, host_view, to_device_async
+
+        pool = default_pool()
+        with pool.borrow(out.numel() * out.element_size(), self.config.timeout_s) as buf:
+            host = host_view(buf, out, out.dtype)
+            self._get_into(skey, host)
+            event = to_device_async(host, out)
+            if event is not None:
+                event.synchronize()  # the buffer goes back to the pool: the copy must be done
 
     def exists(self, keys: Iterable[str]) -> list[bool]:
         """One bool per key: is an entry stored under it (now)?"""
@@ -234,8 +258,11 @@ class Backend(abc.ABC, Generic[CfgT]):
             raise ValueError(f"{len(skeys)} keys but {len(outs)} destination tensors")
         self._check_open()
         if any(o.device.type != "cpu" for o in outs) and not self.capabilities.zero_copy_device:
-            for k, o in zip(keys, outs):
-                self.get_into(k, o)
+            for k, o in zip(skeys, outs):
+                if o.device.type == "cpu":
+                    self._get_into(k, o)
+                else:
+                    self._get_into_via_host(k, o)
             return
         for o in outs:
             if not o.is_contiguous():

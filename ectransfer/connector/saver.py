@@ -1,8 +1,9 @@
 """Saves off the engine step: hand a tensor over, return at once, write in the background.
 
-:meth:`AsyncSaver.submit` only records the item (it keeps a reference: vLLM never mutates an
-encoder output in place) and returns a :class:`concurrent.futures.Future`; worker threads call
-``backend.put``. In-flight bytes are bounded: when the bound is reached, ``submit`` waits for
+:meth:`AsyncSaver.submit` only records a CPU item (it keeps a reference: vLLM never mutates an
+encoder output in place); a CUDA item is copied into a reused pinned staging buffer on a side
+stream (the caller's stream is not blocked) and written once that copy completes. It returns a
+:class:`concurrent.futures.Future`; worker threads call ``backend.put``. In-flight bytes are bounded: when the bound is reached, ``submit`` waits for
 room up to ``timeout_s`` and then raises :class:`~ectransfer.errors.TransferTimeoutError`, so a
 slow transport applies back-pressure instead of growing memory without limit.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ectransfer.backend import Backend
+from ectransfer.connector.staging import StagedTensor, StagingPool, to_host_async
 from ectransfer.errors import CapacityError, TransferTimeoutError
 
 __all__ = ["AsyncSaver"]
@@ -36,6 +38,8 @@ class AsyncSaver:
         self._cond = threading.Condition()
         self._inflight_bytes = 0
         self._inflight = 0
+        # Staging for device tensors: bounded like the in-flight bytes (plus rounding room).
+        self._staging = StagingPool(2 * max_inflight_bytes)
 
     @property
     def inflight_bytes(self) -> int:
@@ -58,6 +62,9 @@ class AsyncSaver:
             self._inflight_bytes += nbytes
             self._inflight += 1
         try:
+            if tensor.device.type == "cuda" and not self.backend.capabilities.zero_copy_device:
+                staged = to_host_async(tensor, self._staging, self.timeout_s)
+                return self._pool.submit(self._run_staged, key, staged, nbytes)
             return self._pool.submit(self._run, key, tensor, nbytes)
         except BaseException:
             self._release(nbytes)
@@ -73,6 +80,13 @@ class AsyncSaver:
         try:
             self.backend.put(key, tensor)
         finally:
+            self._release(nbytes)
+
+    def _run_staged(self, key: str, staged: StagedTensor, nbytes: int) -> None:
+        try:
+            self.backend.put(key, staged.wait())
+        finally:
+            staged.release()
             self._release(nbytes)
 
     def flush(self, timeout_s: float | None = None) -> None:
