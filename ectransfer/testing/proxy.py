@@ -61,7 +61,7 @@ class StallingProxy:
             while not self._closed.is_set():
                 try:
                     data = src.recv(1 << 16)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not data:
                     break
