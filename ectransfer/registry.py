@@ -107,6 +107,12 @@ def available_backends() -> list[tuple[str, bool, str]]:
 
 def _backend_for_url(url: str) -> str:
     if "://" not in url:
+        # "memory:" or "redis:/x" would otherwise become a directory of that name in the
+        # working directory: a known scheme without "//" is a typo, not a path.
+        head, colon, _ = url.partition(":")
+        if colon and head.lower() in SCHEMES and "/" not in head:
+            raise ConfigError(f"{redact_url(url)!r} looks like a {head}:// URL with '//' missing; "
+                              f"write {head}://... (or ./{url} for a directory of that name)")
         return "fs"  # a plain path
     scheme = urlsplit(url).scheme.lower()
     if scheme in SCHEMES:

@@ -7,6 +7,7 @@ in test_matrix.py runs every fault against every target; a target that cannot ex
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import uuid
 from collections.abc import Callable
@@ -99,5 +100,19 @@ class MemoryTarget(Target):
             backend._store.entries[skey] = mutate(backend._store.entries[skey])
 
 
-#: name -> factory; network backends register here as they land
-TARGETS: dict[str, Callable[[Path], Target]] = {"fs": FsTarget, "memory": MemoryTarget}
+def _collect() -> dict[str, Callable[[Path], Target]]:
+    """fs and memory, plus ``TARGETS`` of every ``tests/faults/target_<backend>.py`` module.
+
+    One module per network backend keeps each backend's server handling next to nothing else;
+    a module whose backend is not installed here defines its targets anyway and lets
+    ``Target.__init__`` skip with the reason.
+    """
+    found: dict[str, Callable[[Path], Target]] = {"fs": FsTarget, "memory": MemoryTarget}
+    for path in sorted(Path(__file__).parent.glob("target_*.py")):
+        module = importlib.import_module(f"{__package__}.{path.stem}")
+        found.update(module.TARGETS)
+    return found
+
+
+#: name -> factory
+TARGETS: dict[str, Callable[[Path], Target]] = _collect()

@@ -108,8 +108,8 @@ def test_invalid_keys_before_io(target: Target, observe: Any) -> None:
         be = target.open()
     try:
         for key in ("a/b", "..", "nul\x00key", "caf\u00e9", "k" * 10_000):
-            for call in (lambda: be.put(key, torch.ones(2)), lambda: be.get(key), lambda: be.exists([key]),
-                         lambda: be.delete([key])):
+            for call in (lambda k=key: be.put(k, torch.ones(2)), lambda k=key: be.get(k),
+                         lambda k=key: be.exists([k]), lambda k=key: be.delete([k])):
                 with pytest.raises(InvalidKeyError):
                     call()
         observe("InvalidKeyError before any I/O")

@@ -41,6 +41,14 @@ def test_unknown_backend_and_scheme() -> None:
         open_backend()
 
 
+@pytest.mark.parametrize("typo", ["memory:", "memory:/a", "redis:localhost:6379", "file:/tmp/x"])
+def test_scheme_without_slashes_is_not_a_path(typo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'//' missing"):
+        open_backend(typo)
+    assert list(tmp_path.iterdir()) == [], "a typo'd URL must not create a directory"
+
+
 def test_missing_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend whose module cannot import raises BackendUnavailableError naming the extra."""
     monkeypatch.setitem(BUILTIN_BACKENDS, "redis", "ectransfer.backends._does_not_exist:X")
