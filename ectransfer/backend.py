@@ -16,6 +16,8 @@ primitive              contract
 ``_exists(skeys)``     one bool per key; no side effects beyond LRU bookkeeping.
 ``_delete(skeys)``     remove the entries; absent keys are ignored.
 ``_close()``           release connections, threads, registered memory. Called once.
+``_release(skeys)``    optional (default: nothing): the reader is done with these entries.
+                       Peer-to-peer backends free the writer's copy; stores ignore it.
 =====================  ==================================================================
 
 Composites with defaults built on the primitives — ``_get_into`` (override for zero-copy
@@ -129,6 +131,9 @@ class Backend(abc.ABC, Generic[CfgT]):
     def _close(self) -> None:
         """Release resources; default: nothing to release."""
 
+    def _release(self, skeys: list[str]) -> None:
+        """The reader is done with ``skeys``; default: nothing to do (stores keep entries)."""
+
     # ----------------------------------------------------------------- composites
     def _get_into(self, skey: str, out: torch.Tensor) -> None:
         """Fill ``out`` (contiguous; CPU unless ``zero_copy_device``). Override for zero-copy."""
@@ -233,6 +238,19 @@ class Backend(abc.ABC, Generic[CfgT]):
         self._check_open()
         if skeys:
             self._delete(skeys)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Tell the backend this reader is done with ``keys`` (after loading them).
+
+        Stores ignore it: entries stay until deleted, evicted or expired. A peer-to-peer
+        backend (``capabilities.peer_to_peer``) lets the writer free its copy; the writer also
+        frees it after its lease, so a reader that dies before releasing leaks nothing.
+        The connector calls it once an item is loaded.
+        """
+        skeys = [storage_key(self._namespace, k) for k in validate_keys(keys)]
+        self._check_open()
+        if skeys:
+            self._release(skeys)
 
     def put_many(self, items: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Store several tensors; like :meth:`put` for each, possibly in parallel or batched."""

@@ -225,6 +225,18 @@ class BackendTests:
         with pytest.raises(EntryNotFoundError):
             reader.get("e1")
 
+    def test_release(self, backend: Backend[Any], reader: Backend[Any]) -> None:
+        t = make_tensor((6, 6), torch.bfloat16, seed=12)
+        backend.put("rel", t)
+        assert same_bits(reader.get("rel"), t)
+        reader.release(["rel", "never-written"])  # absent keys are not an error
+        if type(reader).capabilities.peer_to_peer:
+            assert reader.exists(["rel"]) == [False], "a released peer-to-peer entry must be freed"
+        else:
+            assert same_bits(reader.get("rel"), t), "a store must keep an entry after release"
+        with pytest.raises(InvalidKeyError):
+            reader.release(["bad/key"])
+
     def test_missing_key(self, reader: Backend[Any]) -> None:
         with pytest.raises(EntryNotFoundError):
             reader.get("absent")
