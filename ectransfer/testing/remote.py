@@ -137,6 +137,9 @@ class RemoteBackend(Backend[RemoteConfig]):
     def _delete(self, skeys: list[str]) -> None:
         self._call("delete", keys=skeys)
 
+    def _release(self, skeys: list[str]) -> None:
+        self._call("release", keys=skeys)
+
     def call_backend(self, method: str, *args: Any) -> Any:
         """Call a msgpack-serialisable method of the child's backend (test helpers only)."""
         return self._call("method", name=method, args=list(args))
@@ -191,6 +194,8 @@ def _serve(rfd: int, wfd: int, spec: dict[str, Any]) -> None:
                 result = backend._exists(msg["keys"])
             elif op == "delete":
                 result = backend._delete(msg["keys"])
+            elif op == "release":
+                result = backend._release(msg["keys"])
             elif op == "method":
                 result = getattr(backend, msg["name"])(*msg["args"])
             elif op == "close":
