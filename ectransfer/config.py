@@ -20,9 +20,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from ectransfer.errors import ConfigError
 from ectransfer.keys import validate_namespace
 
-__all__ = ["BackendConfig", "parse_size", "redact_url", "secret", "size", "split_query"]
+__all__ = ["BackendConfig", "TypedOptions", "parse_size", "redact_url", "secret", "size", "split_query"]
 
-C = TypeVar("C", bound="BackendConfig")
+T = TypeVar("T", bound="TypedOptions")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -135,21 +135,17 @@ def _coerce(name: str, typ: Any, kind: str | None, value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class BackendConfig:
-    """Options every backend understands.
+class TypedOptions:
+    """Base of every typed option set: coercion from strings/dicts, validation, safe describe.
 
-    ``namespace`` isolates models sharing a store; ``timeout_s`` bounds every network call and
-    wait of the backend (0 < timeout).
+    Subclasses are frozen dataclasses; :meth:`label` names the owner in error messages.
     """
 
-    backend_name: ClassVar[str] = "?"
-    namespace: str = ""
-    timeout_s: float = 30.0
+    @classmethod
+    def label(cls) -> str:
+        return cls.__name__
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "namespace", validate_namespace(self.namespace))
-        if not self.timeout_s > 0:
-            raise ConfigError(f"option 'timeout_s' must be > 0, got {self.timeout_s!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -160,8 +156,8 @@ class BackendConfig:
         return [f.name for f in dataclasses.fields(cls) if f.init]
 
     @classmethod
-    def from_options(cls: type[C], options: Mapping[str, Any] | None = None, **fixed: Any) -> C:
-        """Build the config from user ``options`` plus values the URL parser ``fixed``.
+    def from_options(cls: type[T], options: Mapping[str, Any] | None = None, **fixed: Any) -> T:
+        """Build the options from user ``options`` plus values the URL parser ``fixed``.
 
         Unknown options raise :class:`ConfigError` listing the known ones. An option given
         both in the URL and explicitly must agree.
@@ -171,22 +167,20 @@ class BackendConfig:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(
-                f"{cls.backend_name} backend: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"{cls.label()}: unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"known options: {', '.join(sorted(known))}"
             )
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for name, value in {**fixed, **options}.items():
             if name in fixed and name in options and fixed[name] != options[name] and options[name] is not None:
-                raise ConfigError(
-                    f"{cls.backend_name} backend: option {name!r} given twice with different values"
-                )
+                raise ConfigError(f"{cls.label()}: option {name!r} given twice with different values")
             f = known[name]
             values[name] = _coerce(name, hints[name], f.metadata.get("kind"), value)
         try:
             return cls(**values)
         except TypeError as exc:
-            raise ConfigError(f"{cls.backend_name} backend: {exc}") from None
+            raise ConfigError(f"{cls.label()}: {exc}") from None
 
     def describe(self) -> dict[str, Any]:
         """Options as a dict with secrets masked (safe to log)."""
@@ -195,3 +189,26 @@ class BackendConfig:
             v = getattr(self, f.name)
             out[f.name] = "***" if f.metadata.get("kind") == "secret" and v else v
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig(TypedOptions):
+    """Options every backend understands.
+
+    ``namespace`` isolates models sharing a store; ``timeout_s`` bounds every network call and
+    wait of the backend (0 < timeout).
+    """
+
+    backend_name: ClassVar[str] = "?"
+    namespace: str = ""
+    timeout_s: float = 30.0
+
+    @classmethod
+    def label(cls) -> str:
+        return f"{cls.backend_name} backend"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "namespace", validate_namespace(self.namespace))
+        if not self.timeout_s > 0:
+            raise ConfigError(f"option 'timeout_s' must be > 0, got {self.timeout_s!r}")
+        self.validate()

@@ -195,7 +195,8 @@ def _serve(rfd: int, wfd: int, spec: dict[str, Any]) -> None:
             elif op == "delete":
                 result = backend._delete(msg["keys"])
             elif op == "release":
-                result = backend._release(msg["keys"])
+                backend._release(msg["keys"])
+                result = None
             elif op == "method":
                 result = getattr(backend, msg["name"])(*msg["args"])
             elif op == "close":
