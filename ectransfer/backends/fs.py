@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import torch
-import xxhash
 
 from ectransfer.backend import Backend, Capabilities
+from ectransfer.backends._layout import ENTRY_FILE, TMP_PREFIX, entry_parts
 from ectransfer.codec import (
     EntryHeader,
     check_destination,
@@ -53,9 +53,6 @@ from ectransfer.errors import (
 
 __all__ = ["ENTRY_FILE", "FsBackend", "FsConfig"]
 
-ENTRY_FILE = "encoder_cache.safetensors"
-_TMP_PREFIX = ".tmp-"
-_MAX_NAME = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +130,8 @@ class FsBackend(Backend[FsConfig]):
 
     # ------------------------------------------------------------------ paths
     def entry_path(self, skey: str) -> Path:
-        """Where the entry for storage key ``skey`` lives.
-
-        Keys may be 256 characters, file names only 255 bytes: a longer part is shortened to
-        a prefix plus its hash after ``~``, a character no key contains (so no collision).
-        """
-        parts = [p if len(p) <= _MAX_NAME else f"{p[:_MAX_NAME - 33]}~{xxhash.xxh3_128_hexdigest(p.encode())}"
-                 for p in skey.split("/")]
-        return self.root.joinpath(*parts, ENTRY_FILE)
+        """Where the entry for storage key ``skey`` lives (see :mod:`ectransfer.backends._layout`)."""
+        return self.root.joinpath(*entry_parts(skey))
 
     def _expired(self, mtime: float) -> bool:
         return self.config.ttl_s is not None and time.time() - mtime > self.config.ttl_s
@@ -152,7 +143,7 @@ class FsBackend(Backend[FsConfig]):
         for attempt in range(3):  # a concurrent delete may remove the directory under us
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+                tmp = final.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileNotFoundError:
