@@ -1,0 +1,155 @@
+"""The one NIXL agent of a backend: created on first use, transfers bounded by a deadline.
+
+Everything that touches ``nixl._api`` is here, so the rest of the package is plain Python.
+NIXL's own errors (``nixlBind`` exceptions, ``"ERR"`` states) become
+:class:`~ectransfer.errors.BackendConnectionError`; a transfer still in progress at its
+deadline is aborted and becomes :class:`~ectransfer.errors.TransferTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from ectransfer.errors import BackendConnectionError, BackendUnavailableError, TransferTimeoutError
+
+__all__ = ["Agent", "import_nixl"]
+
+log = logging.getLogger(__name__)
+
+Region = tuple[int, int, int]  # (address, length, device id)
+
+
+def import_nixl() -> Any:
+    """The ``nixl._api`` module, or BackendUnavailableError naming the extra."""
+    try:
+        from nixl import _api
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the nixl package is not importable ({exc}); install it with: pip install 'ectransfer[nixl]'"
+        ) from exc
+    return _api
+
+
+class Agent:
+    """A NIXL agent with one transport plugin (``UCX`` by default)."""
+
+    def __init__(self, role: str, plugin: str) -> None:
+        api = import_nixl()
+        self.name = f"ectransfer-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            config = api.nixl_agent_config(
+                enable_prog_thread=True, enable_listen_thread=False, backends=[plugin],
+                # The backend's primitives run on a thread pool: let NIXL serialise its calls.
+                sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+            )
+            self._agent = api.nixl_agent(self.name, config)
+        except Exception as exc:
+            raise BackendUnavailableError(f"cannot create a NIXL agent with plugin {plugin!r}: {exc}") from exc
+        if plugin not in self._agent.backends:
+            raise BackendUnavailableError(
+                f"NIXL plugin {plugin!r} is not available here; plugins: {', '.join(self._agent.plugin_list)}"
+            )
+        self._remote: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- memory
+    def register(self, regions: Sequence[Region], mem_type: str) -> Any:
+        try:
+            return self._agent.register_memory([(a, n, d, "") for a, n, d in regions], mem_type)
+        except Exception as exc:
+            raise BackendConnectionError(f"NIXL could not register {mem_type} memory: {exc}") from exc
+
+    def deregister(self, registration: Any) -> None:
+        try:
+            self._agent.deregister_memory(registration)
+        except Exception as exc:  # noqa: BLE001 - teardown must go on
+            log.warning("NIXL deregistration failed: %s", exc)
+
+    # ----------------------------------------------------------------- peers
+    def metadata(self) -> bytes:
+        md: bytes = self._agent.get_agent_metadata()
+        return md
+
+    def knows(self, agent_name: str) -> bool:
+        with self._lock:
+            return agent_name in self._remote
+
+    def add_remote(self, metadata: bytes, replaces: str | None = None) -> str:
+        try:
+            name = self._agent.add_remote_agent(metadata)
+        except Exception as exc:
+            raise BackendConnectionError(f"NIXL rejected a producer's agent metadata: {exc}") from exc
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        with self._lock:
+            self._remote.add(name)
+            stale = replaces if replaces and replaces != name and replaces in self._remote else None
+            if stale:
+                self._remote.discard(stale)
+        if stale:
+            self._forget(stale)
+        return name
+
+    def _forget(self, name: str) -> None:
+        try:
+            self._agent.remove_remote_agent(name)
+        except Exception as exc:  # noqa: BLE001 - the peer is gone anyway
+            log.debug("removing NIXL agent %s failed: %s", name, exc)
+
+    # ----------------------------------------------------------------- transfers
+    def read(self, peer: str, local: Sequence[Region], remote: Sequence[Region], *, local_mem: str,
+             remote_mem: str, deadline: float) -> None:
+        """One READ of every ``remote[i]`` into ``local[i]``; returns once all bytes landed.
+
+        The caller has registered ``local``. Raises BackendConnectionError if NIXL reports an
+        error (the producer died), TransferTimeoutError at ``deadline`` (monotonic).
+        """
+        if not local:
+            return
+        a = self._agent
+        try:
+            handle = a.initialize_xfer("READ", a.get_xfer_descs(list(local), local_mem),
+                                       a.get_xfer_descs(list(remote), remote_mem), peer)
+            state = a.transfer(handle)
+        except Exception as exc:
+            raise BackendConnectionError(f"NIXL READ from {peer} could not start: {exc}") from exc
+        spins = 0
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                self._abort(handle)
+                raise TransferTimeoutError(f"NIXL READ from {peer} did not complete before its deadline")
+            # Spin briefly (most transfers finish in microseconds to a few ms), then back off
+            # so a slow transfer does not eat a core the producer may need.
+            spins += 1
+            if spins > 200:
+                time.sleep(min(1e-3, 1e-5 * (spins - 200)))
+            try:
+                state = a.check_xfer_state(handle)
+            except Exception as exc:  # noqa: BLE001
+                state = "ERR"
+                log.debug("check_xfer_state failed: %s", exc)
+        self._release(handle)
+        if state != "DONE":
+            raise BackendConnectionError(f"NIXL READ from {peer} failed (state {state}); the producer may have exited")
+
+    def _release(self, handle: Any) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("release_xfer_handle failed: %s", exc)
+
+    def _abort(self, handle: Any) -> None:
+        # Releasing an unfinished request asks the plugin to abort it; NIXL may refuse, in
+        # which case the handle stays in its leak list and is released with the agent.
+        self._release(handle)
+
+    def close(self) -> None:
+        with self._lock:
+            remote, self._remote = list(self._remote), set()
+        for name in remote:
+            self._forget(name)

@@ -1,0 +1,467 @@
+"""The consumer: finds keys at one or more producers and pulls them with NIXL READs.
+
+``exists`` asks every producer in parallel, each bounded by ``lookup_timeout_s``; answers are
+reused for ``exists_cache_s``, and a producer that failed to answer is skipped by ``exists``
+for ``peer_backoff_s``, so a scheduler step is never blocked on a slow or dead peer. A fetch
+looks the keys up (pinning the versions it will read), learns the producer's NIXL agent once,
+READs every payload of one producer in **one** transfer, verifies each checksum, then unpins
+in the background. ``landing="direct"`` READs straight into the destination tensors
+(registered for the call: microseconds for host memory); ``landing="buffer"`` READs into a
+receive buffer registered once and copies out, so a destination is never touched by bytes
+that fail their checksum.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ectransfer.backends.nixl.agent import Agent, Region
+from ectransfer.backends.nixl.arena import Arena, Slot
+from ectransfer.backends.nixl.config import NixlConfig
+from ectransfer.backends.nixl.control import ControlClient
+from ectransfer.backends.nixl.producer import Producer
+from ectransfer.codec import EntryHeader, check_destination, parse_header, payload_view, verify_payload
+from ectransfer.errors import (
+    BackendConnectionError,
+    CapacityError,
+    CorruptEntryError,
+    ECTransferError,
+    EntryNotFoundError,
+    IncompatibleTensorError,
+    TransferTimeoutError,
+)
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger(__name__)
+
+_SERVED_MAX = 65536  # remembered key -> producer pairs, for targeted releases
+
+
+class _Peer:
+    def __init__(self, index: int, host: str, port: int) -> None:
+        self.index = index
+        self.address = (host, port)
+        self.client = ControlClient(host, port)
+        self.agent_name: str | None = None
+        self.down_until = 0.0
+        self.lock = threading.Lock()
+
+
+class _Want:
+    """One key of a fetch: where it is, how it lands."""
+
+    __slots__ = ("dest", "header", "loc", "mismatch", "out", "peer", "skey", "slot")
+
+    def __init__(self, skey: str, out: torch.Tensor | None) -> None:
+        self.skey, self.out = skey, out
+        self.peer: _Peer | None = None
+        self.loc: dict[str, Any] = {}
+        self.header: EntryHeader | None = None
+        self.dest: torch.Tensor | None = None
+        self.mismatch = False
+        self.slot: Slot | None = None
+
+
+class Consumer:
+    def __init__(self, config: NixlConfig, namespace: str, agent: Callable[[], Agent],
+                 local: Callable[[], Producer | None], remote: bool) -> None:
+        self.config = config
+        self._namespace = namespace
+        self._agent_factory = agent
+        self._local = local
+        addresses = config.peer_addresses if remote else ()
+        self._peers = [_Peer(i, h, p) for i, (h, p) in enumerate(addresses)]
+        self._pool = cf.ThreadPoolExecutor(max_workers=4 * len(self._peers) + 4, thread_name_prefix="nixl-consumer")
+        self._cache: dict[str, tuple[bool, float]] = {}
+        self._served: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._recv: Arena | None = None
+        self._recv_cond = threading.Condition()
+        self.exists_requests = 0
+
+    # ----------------------------------------------------------------- peers
+    def _remote_peers(self) -> list[_Peer]:
+        local = self._local()
+        if local is None:
+            return self._peers
+        return [p for p in self._peers if p.address != local.server.address]
+
+    def _ask(self, peers: list[_Peer], message: dict[str, Any], timeout_s: float,
+             ) -> tuple[dict[int, dict[str, Any]], dict[int, ECTransferError]]:
+        """``message`` to every peer in parallel; replies and typed errors by peer index."""
+        futures = {self._pool.submit(p.client.request, message, timeout_s): p for p in peers}
+        done, _ = cf.wait(futures, timeout=timeout_s + 0.5)
+        replies: dict[int, dict[str, Any]] = {}
+        failures: dict[int, ECTransferError] = {}
+        for fut, peer in futures.items():
+            if fut not in done:
+                failures[peer.index] = TransferTimeoutError(f"nixl producer {peer.client.name} did not answer")
+                continue
+            try:
+                replies[peer.index] = fut.result()
+            except ECTransferError as exc:
+                failures[peer.index] = exc
+        now = time.monotonic()
+        for i, failure in failures.items():
+            if isinstance(failure, (BackendConnectionError, TransferTimeoutError)):
+                self._peers[i].down_until = now + self.config.peer_backoff_s
+        for i in replies:
+            self._peers[i].down_until = 0.0
+        return replies, failures
+
+    # ----------------------------------------------------------------- exists
+    def exists(self, skeys: list[str]) -> list[bool]:
+        now = time.monotonic()
+        local = self._local()
+        found = local.exists(skeys) if local is not None else [False] * len(skeys)
+        ask: list[int] = []
+        with self._lock:
+            for i, k in enumerate(skeys):
+                if found[i]:
+                    continue
+                cached = self._cache.get(k)
+                if cached is not None and cached[1] > now:
+                    found[i] = cached[0]
+                else:
+                    ask.append(i)
+        peers = self._remote_peers()
+        if not ask or not peers:
+            return found
+        live = [p for p in peers if p.down_until <= now]
+        if not live:
+            if local is not None:
+                return found
+            raise BackendConnectionError(
+                f"no nixl producer reachable ({', '.join(p.client.name for p in peers)} failed within "
+                f"the last peer_backoff_s={self.config.peer_backoff_s:g} s)")
+        self.exists_requests += 1
+        keys = [skeys[i] for i in ask]
+        replies, failures = self._ask(live, {"op": "exists", "keys": keys}, self.config.lookup_timeout_s)
+        if not replies and local is None:
+            first = next(iter(failures.values()))
+            raise type(first)(f"no nixl producer answered exists: {first}")
+        for reply in replies.values():
+            for j, hit in enumerate(reply.get("found", [])[: len(keys)]):
+                if hit:
+                    found[ask[j]] = True
+        if self.config.exists_cache_s > 0:
+            until = time.monotonic() + self.config.exists_cache_s
+            with self._lock:
+                if len(self._cache) > _SERVED_MAX:
+                    self._cache.clear()
+                for i in ask:
+                    self._cache[skeys[i]] = (found[i], until)
+        return found
+
+    def _forget(self, skeys: list[str]) -> None:
+        with self._lock:
+            for k in skeys:
+                self._cache.pop(k, None)
+
+    # ----------------------------------------------------------------- fetch
+    def fetch(self, skeys: list[str], outs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The entries of ``skeys``, landed in ``outs[i]`` where given (else new CPU tensors)."""
+        deadline = time.monotonic() + self.config.timeout_s
+        wants = [_Want(k, o) for k, o in zip(skeys, outs)]
+        results: dict[int, torch.Tensor] = {}
+        local = self._local()
+        remote: list[int] = []
+        for i, w in enumerate(wants):
+            got = self._read_local(local, w) if local is not None else None
+            if got is None:
+                remote.append(i)
+            else:
+                results[i] = got
+        if remote:
+            try:
+                self._locate([wants[i] for i in remote], deadline)
+                by_peer: dict[int, list[_Want]] = {}
+                for i in remote:
+                    peer = wants[i].peer
+                    assert peer is not None
+                    by_peer.setdefault(peer.index, []).append(wants[i])
+                for index, group in by_peer.items():
+                    self._pull(self._peers[index], group, deadline)
+                for i in remote:
+                    results[i] = self._finish(wants[i])
+            finally:
+                self._unpin_later([wants[i] for i in remote])
+        return [results[i] for i in range(len(wants))]
+
+    def _read_local(self, local: Producer, w: _Want) -> torch.Tensor | None:
+        pinned = local.pin_local(w.skey)
+        if pinned is None:
+            return None
+        item, arena = pinned
+        try:
+            w.loc = {"head": item.head, "total": item.slot.length}
+            self._plan(w)
+            assert w.header is not None and w.dest is not None
+            if w.header.nbytes:
+                src = arena.view(item.slot)[w.header.header_len:]
+                w.dest.reshape(-1).view(torch.uint8).copy_(src)
+            return self._finish(w)
+        finally:
+            local.unpin([(item.skey, item.version)])
+
+    def _locate(self, wants: list[_Want], deadline: float) -> None:
+        """Look every key up (its hinted producer first, then all others), pinning what is found."""
+        peers = self._remote_peers()
+        failures: dict[int, ECTransferError] = {}
+        with self._lock:
+            hints = {w.skey: self._served.get(w.skey) for w in wants}
+        active = {p.index for p in peers}
+        first: dict[int, list[_Want]] = {}
+        for w in wants:
+            hint = hints[w.skey]
+            for p in ([self._peers[hint]] if hint in active else peers):
+                first.setdefault(p.index, []).append(w)
+        self._lookup(first, deadline, failures)
+        second: dict[int, list[_Want]] = {}
+        for w in wants:
+            if w.peer is None and hints[w.skey] in active:  # moved, or saved again elsewhere
+                for p in peers:
+                    if p.index != hints[w.skey]:
+                        second.setdefault(p.index, []).append(w)
+        self._lookup(second, deadline, failures)
+        pending = [w for w in wants if w.peer is None]
+        if pending:
+            names = ", ".join(repr(w.skey) for w in pending[:3])
+            if failures:
+                first_error = next(iter(failures.values()))
+                raise type(first_error)(f"entry {names} not found at any reachable nixl producer; {first_error}")
+            where = ", ".join(p.client.name for p in peers) or "this process"
+            raise EntryNotFoundError(f"no entry for key {names} at nixl producer(s) {where}")
+
+    def _lookup(self, asks: dict[int, list[_Want]], deadline: float, failures: dict[int, ECTransferError]) -> None:
+        """Send the lookups of ``asks`` (peer index -> keys) in parallel and record the locations."""
+        if not asks:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for index in asks:
+                failures[index] = TransferTimeoutError(f"nixl lookup exceeded timeout_s={self.config.timeout_s:g}")
+            return
+        pin_s = self.config.timeout_s  # outlasts this fetch's deadline: the bytes stay put while we read
+
+        def ask(index: int) -> dict[str, Any]:
+            message = {"op": "lookup", "keys": [w.skey for w in asks[index]], "pin_s": pin_s}
+            return self._peers[index].client.request(message, left)
+
+        # One producer (the common case): ask inline; several: in parallel on the pool.
+        futures = {i: self._pool.submit(ask, i) for i in asks} if len(asks) > 1 else {}
+        for index in asks:
+            peer = self._peers[index]
+            try:
+                reply = futures[index].result(timeout=left + 0.5) if futures else ask(index)
+            except ECTransferError as exc:
+                failures[index] = exc
+                continue
+            except cf.TimeoutError:
+                failures[index] = TransferTimeoutError(f"nixl producer {peer.client.name} did not answer lookup")
+                continue
+            extra: list[list[Any]] = []
+            for w, loc in zip(asks[index], reply.get("items") or []):
+                if loc is None:
+                    continue
+                if w.peer is None:
+                    w.peer, w.loc = peer, {**loc, "agent": reply.get("agent") or ""}
+                else:
+                    extra.append([w.skey, loc["v"]])  # also saved at another producer: let it go
+            if extra:
+                self._pool.submit(self._unpin_quietly, peer, extra)
+
+    def _plan(self, w: _Want) -> None:
+        """Parse the header (before any byte moves) and choose the destination tensor."""
+        head = w.loc.get("head")
+        if not isinstance(head, bytes):
+            raise CorruptEntryError(f"entry {w.skey!r}: the producer sent no header")
+        header = parse_header(head, key=w.skey)
+        if header.total_len != w.loc.get("total"):
+            raise CorruptEntryError(
+                f"entry {w.skey!r} has {w.loc.get('total')} bytes, its header promises {header.total_len}")
+        w.header = header
+        if w.out is not None:
+            try:
+                check_destination(header, w.out, key=w.skey)
+                w.dest = w.out
+                return
+            except IncompatibleTensorError:
+                # A header that lies about dtype/shape is corruption, not a caller error:
+                # verify the entry as it stands before blaming the destination.
+                w.mismatch = True
+        w.dest = torch.empty(header.shape, dtype=header.dtype)
+
+    def _ensure_known(self, peer: _Peer, agent_name: str, deadline: float) -> None:
+        agent = self._agent_factory()
+        with peer.lock:
+            if agent_name == peer.agent_name and agent.knows(agent_name):
+                return
+            reply = peer.client.request({"op": "metadata"}, max(deadline - time.monotonic(), 1e-3))
+            peer.agent_name = agent.add_remote(reply["metadata"], replaces=peer.agent_name)
+
+    def _pull(self, peer: _Peer, group: list[_Want], deadline: float) -> None:
+        for w in group:
+            self._plan(w)
+        moving = [w for w in group if w.header is not None and w.header.nbytes]
+        if not moving:
+            return
+        agent_name = str(moving[0].loc.get("agent") or "")
+        self._ensure_known(peer, agent_name, deadline)
+        remote: list[Region] = []
+        for w in moving:
+            assert w.header is not None
+            remote.append((int(w.loc["addr"]) + w.header.header_len, w.header.nbytes, int(w.loc["dev"])))
+        remote_mem = str(moving[0].loc["mem"])
+        agent = self._agent_factory()
+        if self.config.landing == "buffer":
+            self._pull_buffered(agent, peer, moving, remote, remote_mem, deadline)
+            return
+        local = [(int(w.dest.data_ptr()), w.header.nbytes, 0) for w in moving]  # type: ignore[union-attr]
+        registration = agent.register(local, "DRAM")
+        try:
+            agent.read(peer.agent_name or agent_name, local, remote, local_mem="DRAM", remote_mem=remote_mem,
+                       deadline=deadline)
+        finally:
+            agent.deregister(registration)
+
+    # ----------------------------------------------------------------- buffer landing
+    def _recv_arena(self) -> Arena:
+        with self._recv_cond:
+            if self._recv is None:
+                self._recv = Arena(self._agent_factory(), self.config.recv_buffer_bytes)
+            return self._recv
+
+    def _pull_buffered(self, agent: Agent, peer: _Peer, moving: list[_Want], remote: list[Region],
+                       remote_mem: str, deadline: float) -> None:
+        arena = self._recv_arena()
+        try:
+            with self._recv_cond:
+                for w in moving:
+                    assert w.header is not None
+                    if w.header.nbytes > arena.capacity:
+                        raise CapacityError(
+                            f"entry {w.skey!r} is {w.header.nbytes} bytes, larger than the nixl receive buffer "
+                            f"(recv_buffer_bytes={arena.capacity}); raise it or use landing='direct'")
+                    while (slot := arena.allocator.alloc(w.header.nbytes)) is None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TransferTimeoutError("no room in the nixl receive buffer before timeout_s")
+                        self._recv_cond.wait(min(left, 0.05))
+                    w.slot = slot
+            local = [(arena.base + w.slot.offset, w.slot.length, 0) for w in moving if w.slot is not None]
+            agent.read(peer.agent_name or "", local, remote, local_mem="DRAM", remote_mem=remote_mem, deadline=deadline)
+            for w in moving:
+                assert w.slot is not None and w.header is not None and w.dest is not None
+                view = arena.host_view(w.slot)
+                verify_payload(w.header, view, namespace=self._namespace, key=w.skey)
+                np.copyto(np.asarray(payload_view(w.dest)), np.frombuffer(view, dtype=np.uint8))
+        finally:
+            with self._recv_cond:
+                for w in moving:
+                    if w.slot is not None:
+                        arena.allocator.free(w.slot)
+                        w.slot = None
+                self._recv_cond.notify_all()
+
+    # ----------------------------------------------------------------- completion
+    def _finish(self, w: _Want) -> torch.Tensor:
+        assert w.header is not None and w.dest is not None
+        if self.config.landing != "buffer" or w.peer is None or not w.header.nbytes:
+            verify_payload(w.header, payload_view(w.dest), namespace=self._namespace, key=w.skey)
+        if w.mismatch:
+            assert w.out is not None
+            check_destination(w.header, w.out, key=w.skey)  # raises IncompatibleTensorError
+        if w.peer is not None:
+            with self._lock:
+                self._served[w.skey] = w.peer.index
+                self._served.move_to_end(w.skey)
+                while len(self._served) > _SERVED_MAX:
+                    self._served.popitem(last=False)
+        return w.dest
+
+    def _unpin_later(self, wants: list[_Want]) -> None:
+        by_peer: dict[int, list[list[Any]]] = {}
+        for w in wants:
+            if w.peer is not None and "v" in w.loc:
+                by_peer.setdefault(w.peer.index, []).append([w.skey, w.loc["v"]])
+        for index, pins in by_peer.items():
+            self._pool.submit(self._unpin_quietly, self._peers[index], pins)
+
+    def _unpin_quietly(self, peer: _Peer, pins: list[list[Any]]) -> None:
+        try:
+            peer.client.request({"op": "unpin", "pins": pins}, self.config.lookup_timeout_s)
+        except ECTransferError as exc:  # the pin ends by itself after pin_s
+            log.debug("unpin at %s failed: %s", peer.client.name, exc)
+
+    # ----------------------------------------------------------------- release / delete
+    def release(self, skeys: list[str]) -> None:
+        """Best effort: tell the producers these entries may be freed (a lease frees them anyway)."""
+        self._forget(skeys)
+        local = self._local()
+        if local is not None:
+            local.free(skeys)
+        peers = self._remote_peers()
+        if not peers:
+            return
+        targeted: dict[int, list[str]] = {}
+        untargeted: list[str] = []
+        with self._lock:
+            for k in skeys:
+                index = self._served.pop(k, None)
+                if index is None:
+                    untargeted.append(k)
+                else:
+                    targeted.setdefault(index, []).append(k)
+        calls = [(self._peers[i], keys) for i, keys in targeted.items()]
+        calls += [(p, untargeted) for p in peers if untargeted]
+        futures = [self._pool.submit(p.client.request, {"op": "free", "keys": keys}, self.config.lookup_timeout_s)
+                   for p, keys in calls]
+        for fut in cf.as_completed(futures, timeout=self.config.lookup_timeout_s + 0.5):
+            try:
+                fut.result()
+            except ECTransferError as exc:
+                log.debug("nixl release failed: %s", exc)
+
+    def delete(self, skeys: list[str]) -> None:
+        self._forget(skeys)
+        local = self._local()
+        if local is not None:
+            local.free(skeys)
+        peers = self._remote_peers()
+        if not peers:
+            return
+        with self._lock:
+            for k in skeys:
+                self._served.pop(k, None)
+        replies, failures = self._ask(peers, {"op": "free", "keys": skeys}, self.config.timeout_s)
+        if not replies and local is None:
+            raise next(iter(failures.values()))
+
+    # ----------------------------------------------------------------- lifecycle
+    def stats(self) -> dict[str, Any]:
+        with self._recv_cond:
+            recv = self._recv
+            return {
+                "peers": [p.client.name for p in self._peers],
+                "exists_requests": self.exists_requests,
+                "recv_buffer_bytes": recv.capacity if recv else 0,
+                "recv_used_bytes": recv.allocator.used if recv else 0,
+            }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for p in self._peers:
+            p.client.close()
+        if self._recv is not None:
+            self._recv.close()
