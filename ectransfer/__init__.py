@@ -25,6 +25,7 @@ from ectransfer.errors import (
     InvalidKeyError,
     StorageIOError,
     TransferTimeoutError,
+    UnsupportedVersionError,
 )
 from ectransfer.keys import validate_key
 from ectransfer.registry import available_backends, backend_class, open_backend
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidKeyError",
     "StorageIOError",
     "TransferTimeoutError",
+    "UnsupportedVersionError",
     "__version__",
     "available_backends",
     "backend_class",

@@ -24,6 +24,7 @@ __all__ = [
     "InvalidKeyError",
     "StorageIOError",
     "TransferTimeoutError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -82,3 +83,7 @@ class CapacityError(ECTransferError, OSError):
 
 class StorageIOError(ECTransferError, OSError):
     """The storage medium failed an operation (I/O error, permission denied, ...)."""
+
+
+class UnsupportedVersionError(ECTransferError, ImportError):
+    """An integrated framework (vLLM) is older than the one ectransfer's adapter supports."""

@@ -12,12 +12,13 @@ occurs inside either part, so the mapping is injective.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 
 from ectransfer.errors import InvalidKeyError
 
-__all__ = ["MAX_KEY_LENGTH", "storage_key", "validate_key", "validate_keys", "validate_namespace"]
+__all__ = ["MAX_KEY_LENGTH", "key_for_identifier", "storage_key", "validate_key", "validate_keys", "validate_namespace"]
 
 MAX_KEY_LENGTH = 256
 _KEY_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_KEY_LENGTH}}}")
@@ -57,3 +58,18 @@ def validate_namespace(namespace: object) -> str:
 def storage_key(namespace: str, key: str) -> str:
     """The key a backend stores under: ``namespace/key`` or ``key``."""
     return f"{namespace}/{key}" if namespace else key
+
+
+def key_for_identifier(identifier: str) -> str:
+    """A valid key for an engine's item identifier, the identifier itself whenever it is one.
+
+    vLLM's ``mm_hash`` is a hex digest (a valid key, so entries keep vLLM's own file layout),
+    but with LoRA it becomes ``"<lora_name>:<hash>"`` and a LoRA name may hold any character.
+    Such identifiers map to ``"id-"`` plus a 128-bit BLAKE2b digest of the identifier: still
+    one key per identifier, and never a path or a command.
+    """
+    if not isinstance(identifier, str):
+        raise InvalidKeyError(f"item identifier must be a str, got {type(identifier).__name__}")
+    if _KEY_RE.fullmatch(identifier) and identifier not in (".", ".."):
+        return identifier
+    return "id-" + hashlib.blake2b(identifier.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()

@@ -19,7 +19,8 @@ from ectransfer.backend import Backend
 from ectransfer.config import redact_url, split_query
 from ectransfer.errors import BackendUnavailableError, ConfigError
 
-__all__ = ["BUILTIN_BACKENDS", "available_backends", "backend_class", "open_backend", "registered_backends"]
+__all__ = ["BUILTIN_BACKENDS", "available_backends", "backend_class", "backend_for_url", "open_backend",
+           "registered_backends"]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def available_backends() -> list[tuple[str, bool, str]]:
     return rows
 
 
-def _backend_for_url(url: str) -> str:
+def backend_for_url(url: str) -> str:
+    """The backend name a URL (or a plain path) selects; :class:`ConfigError` if none does."""
     if "://" not in url:
         # "memory:" or "redis:/x" would otherwise become a directory of that name in the
         # working directory: a known scheme without "//" is a typo, not a path.
@@ -149,7 +151,7 @@ def open_backend(url: str | None = None, **options: Any) -> Backend[Any]:
     if name is None:
         if url is None:
             raise ConfigError("open_backend needs a URL or backend=NAME")
-        name = _backend_for_url(os.fspath(url))
+        name = backend_for_url(os.fspath(url))
     if not isinstance(name, str):
         raise ConfigError(f"option 'backend' must be a string, got {type(name).__name__}")
     cls = backend_class(name)
