@@ -158,21 +158,25 @@ class RedisClient:
 
         mapping = {parse_hostport(k, what="address_map"): parse_hostport(v, what="address_map")
                    for k, v in config.address_map.items()}
+        seeds = config.seed_nodes()
+        # After a failed command redis-py refreshes the slot map, asking each seed node in turn
+        # with its own socket timeout. Splitting timeout_s between the command and those probes
+        # keeps a call against a stalled cluster within timeout_s; the probes ask only the
+        # configured seeds (dynamic_startup_nodes=False), so the split is known up front.
+        wait_s = config.timeout_s / (1 + len(seeds))
         kw = self._common(config)
-        kw.update(connection_class=_SSL if config.tls else _TCP, timeout=config.timeout_s,
-                  connection_pool_class=redis.BlockingConnectionPool)
+        kw.update(socket_timeout=wait_s, socket_connect_timeout=wait_s, timeout=config.timeout_s,
+                  connection_class=_SSL if config.tls else _TCP, connection_pool_class=redis.BlockingConnectionPool)
         if config.tls:
             kw.update(_tls_kwargs(config))
-        (host, port), *others = config.seed_nodes()
+        (host, port), *others = seeds
         # RedisCluster honours connection_class (our lean packer) only for nodes built from a
         # URL; the URL names the first seed node and carries nothing else.
         first = f"[{host}]" if ":" in host else host
-        # One retry lets the client refresh its slot map after a failover or a restart; no
-        # backoff keeps a dead cluster's error within about two timeouts.
         return RedisCluster(
             url=f"redis://{first}:{port}",
             startup_nodes=[ClusterNode(h, p) for h, p in others],  # type: ignore[no-untyped-call]
-            retry=Retry(NoBackoff(), 1), require_full_coverage=True,
+            retry=Retry(NoBackoff(), 0), require_full_coverage=True, dynamic_startup_nodes=False,
             address_remap=(lambda addr: mapping.get(addr, addr)) if mapping else None, **kw,
         )
 
