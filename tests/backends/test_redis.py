@@ -334,6 +334,40 @@ def test_concurrent_overwrites_of_a_chunked_item(opener: Callable[..., RedisBack
     assert int(torch.unique(reader.get("hot"))[0]) in (1, 2)
 
 
+# ------------------------------------------------------------------------- batches
+def test_batches_mix_small_large_and_chunked_entries(opener: Callable[..., RedisBackend]) -> None:
+    be = opener(chunk_bytes=256 << 10)
+    items = {"tiny": make_tensor((4,), torch.float32, seed=1),
+             "small": make_tensor((100, 100), torch.bfloat16, seed=2),       # pipelined both ways
+             "mid": make_tensor((300, 300), torch.bfloat16, seed=3),         # pipelined put, single get
+             "chunked": make_tensor((700, 700), torch.bfloat16, seed=4),     # 980 KB: 4 chunks
+             "large": make_tensor((1200, 600), torch.bfloat16, seed=5)}      # above the pipelined size
+    be.put_many(items)
+    keys = list(items)
+    assert len(_chunk_keys(be, "chunked")) == 4
+    for k, got in zip(keys, be.get_many(keys)):
+        assert same_bits(got, items[k]), k
+    outs = [torch.empty_like(items[k]) for k in keys]
+    be.get_many_into(keys, outs)
+    for k, o in zip(keys, outs):
+        assert same_bits(o, items[k]), k
+    with pytest.raises(EntryNotFoundError, match="absent"):
+        be.get_many(["tiny", "absent", "large"])
+    be.client.delete(_chunk_keys(be, "chunked")[2])
+    with pytest.raises(CorruptEntryError):
+        be.get_many(["small", "chunked"])
+
+
+def test_put_many_keeps_the_last_value_of_a_repeated_key(opener: Callable[..., RedisBackend]) -> None:
+    be = opener(chunk_bytes=64 << 10)
+    small, big = make_tensor((8, 8), torch.float16, seed=1), make_tensor((400, 400), torch.float16, seed=2)
+    be.put_many([("k", small), ("k", big), ("j", big), ("j", small)])
+    assert same_bits(be.get("k"), big) and same_bits(be.get("j"), small)
+    be.put_many([("k", small)])  # a pipelined whole entry displaces a chunked one: its chunks retire
+    assert same_bits(be.get("k"), small)
+    assert [k for k in _all_keys(be) if b":c:" in k and be.client.pttl(k) == -1] == []
+
+
 # ------------------------------------------------------------------------- TTL
 def test_ttl_applies_to_every_key_of_an_item(opener: Callable[..., RedisBackend]) -> None:
     be = opener(chunk_bytes=1024, ttl_s=60, timeout_s=5)

@@ -28,6 +28,7 @@ from ectransfer.backend import Backend, Capabilities
 from ectransfer.backends.redis.config import RedisConfig
 from ectransfer.backends.redis.layout import HEAD_LEN, Keys, Manifest, version_of
 from ectransfer.codec import (
+    EncodedEntry,
     EntryHeader,
     check_destination,
     decode,
@@ -43,6 +44,11 @@ __all__ = ["RedisBackend"]
 
 _READ_ATTEMPTS = 4
 _PROVISIONAL_SLACK_S = 60.0
+# Batches go through pipelines only where that measured faster (docs/backends/redis.md):
+# SETs of whole entries up to 1 MiB, GETs of entries up to 64 KiB (manifests included).
+_PIPELINE_PUT_MAX = 64 << 10
+_PIPELINE_GET_MAX = 64 << 10
+_PIPELINE_BYTES = 16 << 20  # bytes carried by one pipeline, to bound what is buffered
 
 
 class _Replaced(Exception):
@@ -101,7 +107,9 @@ class RedisBackend(Backend[RedisConfig]):
 
     # ------------------------------------------------------------------ write
     def _put(self, skey: str, tensor: torch.Tensor) -> None:
-        entry = encode(tensor, self._namespace)
+        self._put_entry(skey, encode(tensor, self._namespace))
+
+    def _put_entry(self, skey: str, entry: EncodedEntry) -> None:
         key = self._keys.entry(skey)
         if entry.nbytes <= self.config.chunk_bytes:
             # One joined value: Redis takes one buffer per argument, and the join is cheaper
@@ -124,10 +132,34 @@ class RedisBackend(Backend[RedisConfig]):
             raise TransferTimeoutError(f"redis backend: writing {skey!r} took so long that its first chunks "
                                        f"expired ({manifest.chunks} chunks, timeout_s={self.config.timeout_s})")
 
+    def _put_many(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        small: list[tuple[str, bytes]] = []
+        budget = 0
+        for skey, tensor in items:
+            entry = encode(tensor, self._namespace)
+            if entry.nbytes > min(_PIPELINE_PUT_MAX, self.config.chunk_bytes):
+                if small:  # keep the caller's order: a repeated key ends with its last value
+                    self._put_pipelined(small)
+                    small, budget = [], 0
+                self._put_entry(skey, entry)
+                continue
+            small.append((skey, entry.to_bytes()))
+            budget += entry.nbytes
+            if budget >= _PIPELINE_BYTES:
+                self._put_pipelined(small)
+                small, budget = [], 0
+        if small:
+            self._put_pipelined(small)
+
+    def _put_pipelined(self, entries: list[tuple[str, bytes]]) -> None:
+        olds = self._client.set_each([(self._keys.entry(k), v) for k, v in entries], self._ttl_ms)
+        for (skey, _), old in zip(entries, olds):
+            self._retire(skey, old[:HEAD_LEN] if old else b"", None)
+
     def _retire(self, skey: str, old_head: bytes, mine: bytes | None) -> None:
         """Let the chunks of a displaced manifest expire once in-flight readers are done."""
         version = version_of(old_head)
-        if version is None or version == mine:  # whole entry, nothing, or our own retried swap
+        if version is None or version == mine:  # a whole entry, nothing, or (defensively) our own
             return
         count = Manifest.chunk_count(old_head)
         if count:
@@ -140,10 +172,14 @@ class RedisBackend(Backend[RedisConfig]):
     def _get_into(self, skey: str, out: torch.Tensor) -> None:
         self._read(skey, out)
 
-    def _read(self, skey: str, out: torch.Tensor | None) -> torch.Tensor:
+    def _read(self, skey: str, out: torch.Tensor | None, value: bytes | None = None,
+              fetched: bool = False) -> torch.Tensor:
+        """Read ``skey``; ``value`` is the entry key's value if the caller already fetched it."""
         key = self._keys.entry(skey)
         for _ in range(_READ_ATTEMPTS):
-            value = self._client.get(key)
+            if not fetched:
+                value = self._client.get(key)
+            fetched = False
             if value is None:
                 raise EntryNotFoundError(f"no entry for key {skey!r} at {self.config.location()}")
             if version_of(value) is None:
@@ -154,6 +190,29 @@ class RedisBackend(Backend[RedisConfig]):
                 continue
         raise TransferTimeoutError(f"redis backend: {skey!r} was replaced {_READ_ATTEMPTS} times while being "
                                    "read; no consistent version could be read")
+
+    def _get_many(self, skeys: list[str]) -> list[torch.Tensor]:
+        return self._read_many(skeys, [None] * len(skeys))
+
+    def _get_many_into(self, skeys: list[str], outs: list[torch.Tensor]) -> None:
+        self._read_many(skeys, list(outs))
+
+    def _read_many(self, skeys: list[str], outs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Small entries (and manifests) in pipelined GETs, the others one GET at a time."""
+        sizes = self._client.strlen_each([self._keys.entry(k) for k in skeys])
+        prefetched: dict[int, bytes | None] = {}
+        batch: list[int] = []
+        budget = 0
+        for i, n in enumerate(sizes):
+            if 0 < n <= _PIPELINE_GET_MAX:
+                batch.append(i)
+                budget += n
+            if batch and (budget >= _PIPELINE_BYTES or i == len(sizes) - 1):
+                values = self._client.get_each([self._keys.entry(skeys[j]) for j in batch])
+                prefetched.update(zip(batch, values))
+                batch, budget = [], 0
+        return [self._read(skey, out, prefetched.get(i), fetched=i in prefetched)
+                for i, (skey, out) in enumerate(zip(skeys, outs))]
 
     def _whole(self, skey: str, value: bytes, out: torch.Tensor | None) -> torch.Tensor:
         # Every entry this backend writes is checksummed: one without metadata is not ours.

@@ -218,6 +218,28 @@ class RedisClient:
             res = p.execute()
         return res[0], [int(bool(x)) for x in res[2:]]
 
+    def set_each(self, items: Sequence[tuple[str, bytes]], px: int | None) -> list[bytes | None]:
+        """``SET key value [PX px] GET`` for each item in one pipeline; the values they replaced."""
+        with self._run("put"):
+            p = self._r.pipeline(transaction=False)
+            for k, v in items:
+                p.set(k, v, px=px, get=True)
+            return list(p.execute())
+
+    def get_each(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._run("get"):
+            p = self._r.pipeline(transaction=False)
+            for k in keys:
+                p.get(k)
+            return list(p.execute())
+
+    def strlen_each(self, keys: Sequence[str]) -> list[int]:
+        with self._run("get"):
+            p = self._r.pipeline(transaction=False)
+            for k in keys:
+                p.strlen(k)
+            return [int(n) for n in p.execute()]
+
     def set_chunk(self, key: str, value: memoryview, px: int) -> None:
         with self._run("put"):
             self._r.set(key, value, px=px)
