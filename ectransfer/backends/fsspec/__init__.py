@@ -35,11 +35,12 @@ import torch
 
 from ectransfer.backend import Backend, Capabilities
 from ectransfer.backends._layout import ENTRY_FILE, TMP_PREFIX, entry_parts
+from ectransfer.backends.fsspec import _redact
 from ectransfer.backends.fsspec._config import FsspecConfig, config_from_url, make_filesystem
 from ectransfer.backends.fsspec._errors import translate
 from ectransfer.codec import EncodedEntry, decode, encode, parse_header
 from ectransfer.config import BackendConfig, redact_url
-from ectransfer.errors import ConfigError, CorruptEntryError
+from ectransfer.errors import ConfigError, CorruptEntryError, ECTransferError
 
 __all__ = ["FsspecBackend", "FsspecConfig"]
 
@@ -64,13 +65,24 @@ class FsspecBackend(Backend[FsspecConfig]):
 
         self._s3 = config.protocol == "s3"
         self._root = config.root.rstrip("/") or "/"
-        self._secrets = [config.key, config.secret, config.token] + [
-            v for k, v in config.storage_options.items() if isinstance(v, str) and _SECRET_OPTION.search(k)]
-        self._fs = make_filesystem(config)
+        self._secrets = _redact.register([config.key, config.secret, config.token] + [
+            v for k, v in config.storage_options.items() if isinstance(v, str) and _SECRET_OPTION.search(k)])
+        try:
+            self._fs = make_filesystem(config)
+        except BaseException:
+            _redact.forget(self._secrets)
+            raise
         self._async = bool(getattr(self._fs, "async_impl", False))
         self._loop: asyncio.AbstractEventLoop = self._fs.loop if self._async else fsspec.asyn.get_loop()
         try:
             self._run(self._prepare(), "open", "the store")
+        except (TypeError, ValueError) as exc:
+            self._close()
+            if isinstance(exc, ECTransferError):
+                raise
+            # s3fs hands unknown storage_options to botocore, which refuses them on first use
+            raise ConfigError(f"fsspec backend: the {config.protocol} filesystem refused its options (check "
+                              f"'storage_options'): {_redact.scrub(str(exc), self._secrets)}") from None
         except BaseException:
             self._close()
             raise
@@ -141,7 +153,7 @@ class FsspecBackend(Backend[FsspecConfig]):
             results = fut.result(total + _GRACE_S)
         except concurrent.futures.TimeoutError as exc:  # only if the loop itself is stuck
             fut.cancel()
-            raise self._error(exc, op, f"a batch of {len(jobs)} entries", total) from exc
+            raise self._error(exc, op, f"a batch of {_entries(len(jobs))}", total) from exc
         for (_, bound), what, r in zip(jobs, whats, results):
             if isinstance(r, BaseException):
                 err = self._error(r, op, what, bound)
@@ -174,6 +186,7 @@ class FsspecBackend(Backend[FsspecConfig]):
             pass  # another process created it first
 
     def _close(self) -> None:
+        _redact.forget(self._secrets)
         creator = getattr(self._fs, "_s3creator", None) if self._s3 else None
         if creator is not None and getattr(self._fs, "_s3", None) is not None:
             try:  # closes the aiohttp connection pool now rather than at garbage collection
@@ -300,7 +313,7 @@ class FsspecBackend(Backend[FsspecConfig]):
     def _delete(self, skeys: list[str]) -> None:
         paths = [self.entry_path(k) for k in skeys]
         bound = self.config.timeout_s * math.ceil(len(paths) / (1000 if self._s3 else 100))
-        self._run(self._remove(paths), "delete", f"{len(paths)} entries", bound)
+        self._run(self._remove(paths), "delete", _entries(len(paths)), bound)
 
     # ------------------------------------------------------------------ clean-up
     def clear(self, *, all_namespaces: bool = False) -> int:
@@ -329,7 +342,7 @@ class FsspecBackend(Backend[FsspecConfig]):
                 entries += rel[-1] == ENTRY_FILE
         if victims:
             bound = self.config.timeout_s * math.ceil(len(victims) / (1000 if self._s3 else 100))
-            self._run(self._remove(victims), "delete", f"{len(victims)} entries", bound)
+            self._run(self._remove(victims), "delete", _entries(len(victims)), bound)
         return entries
 
     # ------------------------------------------------------------------ description
@@ -341,3 +354,7 @@ class FsspecBackend(Backend[FsspecConfig]):
     def describe(self) -> str:
         ns = f" namespace={self._namespace!r}" if self._namespace else ""
         return f"{self.describe_location()}{ns}"
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"

@@ -3,7 +3,7 @@
 s3fs already maps S3 error codes to builtins (``NoSuchKey`` -> ``FileNotFoundError``,
 ``AccessDenied`` -> ``PermissionError``) and keeps the botocore error as ``__cause__``; the
 code there tells a missing key from a missing bucket. Messages are scrubbed of every
-credential the backend was given, whatever the library put in them.
+credential the backend was given, whatever the library put in them (:mod:`._redact`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Iterable
 
+from ectransfer.backends.fsspec._redact import scrub
 from ectransfer.errors import (
     BackendConnectionError,
     ConfigError,
@@ -21,17 +22,9 @@ from ectransfer.errors import (
     TransferTimeoutError,
 )
 
-__all__ = ["scrub", "translate"]
+__all__ = ["translate"]
 
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)
-
-
-def scrub(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every credential in ``secrets`` replaced by ``***``."""
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return text
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
