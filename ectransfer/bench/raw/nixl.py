@@ -1,0 +1,249 @@
+"""Raw NIXL baseline: the same bytes moved between two NIXL agents in two processes.
+
+:class:`Raw` starts a *peer* process that registers one buffer with its agent and hands over
+its agent metadata and buffer address (msgpack over a loopback socket). ``write`` is a NIXL
+WRITE from the caller's bytes into the peer's buffer; ``read_into`` a NIXL READ from it into
+the caller's buffer, both registered for the call (microseconds for host memory), exactly as
+the backend's ``landing="direct"`` does, but without lookups, leases or checksums.
+``push_into`` has the peer WRITE into our buffer on request: the push alternative to a pull.
+
+``python -m ectransfer.bench.raw.nixl`` measures, in one run, raw READ (pull) against raw
+WRITE-on-request (push) and the nixl backend's ``get_into`` (producer in another process)
+against the raw READ of the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ectransfer.bench.raw import RawClient
+from ectransfer.config import parse_size
+from ectransfer.errors import BackendConnectionError, CapacityError, TransferTimeoutError
+
+__all__ = ["Raw"]
+
+_DEFAULT_PEER_BYTES = 1 << 30
+
+
+def _agent(name: str) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+
+
+def _wait(agent: Any, handle: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    state = agent.transfer(handle)
+    while state == "PROC":
+        if time.monotonic() > deadline:
+            raise TransferTimeoutError("raw NIXL transfer did not finish in time")
+        state = agent.check_xfer_state(handle)
+    agent.release_xfer_handle(handle)
+    if state != "DONE":
+        raise BackendConnectionError(f"raw NIXL transfer failed ({state})")
+
+
+def _address(buf: memoryview) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(buf) else 0
+
+
+class Raw(RawClient):
+    """Two agents, two processes, nothing of ectransfer in between (see the module docstring)."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        super().__init__(url, options)
+        from ectransfer.backends.nixl.control import recv_message
+
+        self._recv = recv_message
+        size = parse_size(options.get("arena_bytes", _DEFAULT_PEER_BYTES), what="arena_bytes")
+        self.timeout_s = float(options.get("timeout_s", 30.0))
+        self._peer = subprocess.Popen([sys.executable, "-m", "ectransfer.bench.raw.nixl", "peer", str(size)], stdout=subprocess.PIPE,
+                                      stdin=subprocess.DEVNULL)
+        self._sock = socket.create_connection(("127.0.0.1", self._peer_port(60.0)), timeout=60)
+        hello = self._recv(self._sock, time.monotonic() + 60)
+        self._agent = _agent(f"raw-initiator-{os.getpid()}")
+        self._peer_name = self._agent.add_remote_agent(hello["metadata"])
+        self._peer_addr, self._peer_size = int(hello["addr"]), int(hello["size"])
+        self._slots: dict[str, tuple[int, int]] = {}
+        self._next = 0
+        self._push_targets: dict[tuple[int, int], Any] = {}
+
+    def _peer_port(self, timeout_s: float) -> int:
+        """The port the peer prints as ``PORT <n>`` (NIXL logs to the same stdout first)."""
+        assert self._peer.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self._peer.stdout], [], [], left)
+            line = self._peer.stdout.readline() if ready else b""
+            if line.startswith(b"PORT "):
+                return int(line.split()[1])
+            if ready and not line:
+                break  # the peer exited
+        self._peer.kill()
+        self._peer.wait(10)
+        raise BackendConnectionError("the raw NIXL peer process did not start")
+
+    def _slot(self, name: str, n: int) -> int:
+        off, length = self._slots.get(name, (-1, 0))
+        if off < 0 or length != n:
+            if self._next + n > self._peer_size:
+                raise CapacityError(f"raw NIXL peer buffer ({self._peer_size} bytes) is full")
+            off, self._next = self._next, self._next + n
+            self._slots[name] = (off, n)
+        return off
+
+    def _xfer(self, op: str, buf: memoryview, remote_off: int) -> None:
+        n = len(buf)
+        if not n:
+            return
+        addr = _address(buf)
+        a = self._agent
+        reg = a.register_memory([(addr, n, 0, "")], "DRAM")
+        try:
+            handle = a.initialize_xfer(op, a.get_xfer_descs([(addr, n, 0)], "DRAM"),
+                                       a.get_xfer_descs([(self._peer_addr + remote_off, n, 0)], "DRAM"),
+                                       self._peer_name)
+            _wait(a, handle, self.timeout_s)
+        finally:
+            a.deregister_memory(reg)
+
+    def write(self, name: str, data: memoryview) -> None:
+        self._xfer("WRITE", memoryview(data).cast("B"), self._slot(name, len(data)))
+
+    def read_into(self, name: str, out: memoryview) -> None:
+        off, n = self._slots[name]
+        view = memoryview(out).cast("B")
+        if len(view) != n:
+            raise ValueError(f"{name!r} is {n} bytes, destination is {len(view)}")
+        self._xfer("READ", view, off)
+
+    def push_into(self, name: str, out: memoryview) -> None:
+        """The peer WRITEs ``name`` into ``out`` on request (push), replying when it landed.
+
+        A push target must be known to the peer before the WRITE, so ``out`` stays registered
+        (like a receive buffer registered once) and the peer gets fresh metadata when it grows.
+        """
+        from ectransfer.backends.nixl.control import send_message
+
+        off, n = self._slots[name]
+        view = memoryview(out).cast("B")
+        addr = _address(view)
+        msg: dict[str, Any] = {"src": off, "dst": addr, "len": n}
+        if (addr, n) not in self._push_targets:
+            self._push_targets[(addr, n)] = self._agent.register_memory([(addr, n, 0, "")], "DRAM")
+            msg["metadata"] = self._agent.get_agent_metadata()
+        send_message(self._sock, msg)
+        reply = self._recv(self._sock, time.monotonic() + self.timeout_s)
+        if reply.get("state") != "DONE":
+            raise BackendConnectionError(f"raw NIXL push failed ({reply})")
+
+    def close(self) -> None:
+        for reg in self._push_targets.values():
+            self._agent.deregister_memory(reg)
+        self._sock.close()
+        try:
+            self._peer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._peer.kill()
+            self._peer.wait(10)
+
+
+def _serve_peer(size: int) -> None:
+    """The peer process: one registered buffer, one client, WRITEs on request."""
+    import torch
+
+    from ectransfer.backends.nixl.control import recv_message, send_message
+
+    agent = _agent(f"raw-peer-{os.getpid()}")
+    buf = torch.zeros(size, dtype=torch.uint8)
+    agent.register_memory([(buf.data_ptr(), size, 0, "")], "DRAM")
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(f"PORT {listener.getsockname()[1]}", flush=True)
+    listener.settimeout(60)
+    conn, _ = listener.accept()
+    send_message(conn, {"metadata": agent.get_agent_metadata(), "addr": buf.data_ptr(), "size": size})
+    initiator = None
+    while True:
+        try:
+            msg = recv_message(conn)
+        except OSError:
+            return
+        if "metadata" in msg:
+            initiator = agent.add_remote_agent(msg["metadata"])
+        handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs([(buf.data_ptr() + msg["src"], msg["len"], 0)], "DRAM"),
+                                       agent.get_xfer_descs([(msg["dst"], msg["len"], 0)], "DRAM"), initiator)
+        try:
+            _wait(agent, handle, 30)
+            send_message(conn, {"state": "DONE"})
+        except (BackendConnectionError, TransferTimeoutError) as exc:
+            send_message(conn, {"state": str(exc)})
+
+
+def _measure(argv: list[str]) -> int:
+    import torch
+
+    from ectransfer.testing.servers import free_port
+    from ectransfer.testing.servers.nixl import open_peer_pair
+
+    p = argparse.ArgumentParser(prog="python -m ectransfer.bench.raw.nixl")
+    p.add_argument("--size", default="8MiB")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--landing", default="direct", choices=["direct", "buffer"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    n = parse_size(args.size)
+    items = [torch.randint(0, 256, (n,), dtype=torch.uint8) for _ in range(args.count)]
+    outs = [torch.empty(n, dtype=torch.uint8) for _ in range(args.count)]
+    opts = {"arena_bytes": max(2 * n * args.count, 64 << 20), "recv_buffer_bytes": 2 * n, "landing": args.landing}
+    raw = Raw("", opts)
+    pair = open_peer_pair(f"nixl://127.0.0.1:{free_port()}", opts)
+    try:
+        for i, t in enumerate(items):
+            raw.write(f"k{i}", memoryview(t.numpy()))
+            pair.put(f"k{i}", t)
+
+        def timed(fn: Any) -> float:
+            t0 = time.perf_counter()
+            for i in range(args.count):
+                fn(i)
+            return n * args.count / (time.perf_counter() - t0) / 1e6
+
+        runs: dict[str, list[float]] = {"raw READ (pull)": [], "raw WRITE on request (push)": [],
+                                        f"backend get_into ({args.landing})": [], "backend get": []}
+        for _ in range(args.repeat):  # interleaved, so load changes hit every variant alike
+            runs["raw READ (pull)"].append(timed(lambda i: raw.read_into(f"k{i}", memoryview(outs[i].numpy()))))
+            runs["raw WRITE on request (push)"].append(
+                timed(lambda i: raw.push_into(f"k{i}", memoryview(outs[i].numpy()))))
+            runs[f"backend get_into ({args.landing})"].append(timed(lambda i: pair.get_into(f"k{i}", outs[i])))
+            runs["backend get"].append(timed(lambda i: pair.get(f"k{i}")))
+        assert all(torch.equal(o, t) for o, t in zip(outs, items))
+        base = statistics.median(runs["raw READ (pull)"])
+        print(f"{args.count} x {n / 1e6:.1f} MB, median of {args.repeat} interleaved runs (MB/s, ratio to raw READ)")
+        for name, values in runs.items():
+            med = statistics.median(values)
+            print(f"  {name:32s} {med:9.0f}  {med / base:5.2f}x   [{min(values):.0f}-{max(values):.0f}]")
+    finally:
+        pair.close()
+        raw.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "peer":
+        _serve_peer(int(sys.argv[2]))
+        sys.stdout.flush()
+        os._exit(0)  # skip native atexit handlers (see the NIXL/libibverbs note)
+    code = _measure(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)
