@@ -156,14 +156,22 @@ def test_item_of_exactly_chunk_bytes_stays_whole(opener: Callable[..., RedisBack
     assert torch.equal(be.get("over"), torch.ones(3001, dtype=torch.uint8))
 
 
-def test_deleted_chunk_is_corruption_never_a_tensor(opener: Callable[..., RedisBackend]) -> None:
+@pytest.mark.parametrize("call", ["get", "get_into", "get_many"])
+def test_deleted_chunk_makes_the_item_absent_never_a_tensor(opener: Callable[..., RedisBackend], call: str) -> None:
+    """A chunk evicted by maxmemory or deleted by hand: the item reads as absent and is removed."""
     be = opener(chunk_bytes=1024)
     be.put("k", make_tensor((40, 40), torch.float16, seed=2))
+    be.put("other", make_tensor((40, 40), torch.float16, seed=3))
     be.client.delete(_chunk_keys(be, "k")[1])
-    with pytest.raises(CorruptEntryError, match="chunk 1 of 4 is missing"):
+    out = torch.empty((40, 40), dtype=torch.float16)
+    read = {"get": lambda: be.get("k"), "get_into": lambda: be.get_into("k", out),
+            "get_many": lambda: be.get_many(["other", "k"])}[call]
+    with pytest.raises(EntryNotFoundError, match="chunk 1 of 4 is gone"):
+        read()
+    assert be.exists(["k", "other"]) == [False, True]
+    assert all(b"{k}" not in k for k in _all_keys(be)), "what was left of the damaged item is removed"
+    with pytest.raises(EntryNotFoundError):
         be.get("k")
-    with pytest.raises(CorruptEntryError):
-        be.get_into("k", torch.empty((40, 40), dtype=torch.float16))
 
 
 def test_deleted_manifest_is_not_found(opener: Callable[..., RedisBackend]) -> None:
@@ -353,7 +361,9 @@ def test_batches_mix_small_large_and_chunked_entries(opener: Callable[..., Redis
         assert same_bits(o, items[k]), k
     with pytest.raises(EntryNotFoundError, match="absent"):
         be.get_many(["tiny", "absent", "large"])
-    be.client.delete(_chunk_keys(be, "chunked")[2])
+    chunk = _chunk_keys(be, "chunked")[1]
+    damaged = be.client.get(chunk)
+    be.client.set(chunk, bytes([damaged[0] ^ 0xFF]) + damaged[1:])
     with pytest.raises(CorruptEntryError):
         be.get_many(["small", "chunked"])
 

@@ -12,8 +12,13 @@ Read (``_get``/``_get_into``): GET the entry key; a whole entry is validated by 
 manifest names its chunks, which are fetched (one GET each) straight into the destination and
 the checksum is verified over the assembled payload. A chunk that is gone means the item was
 replaced or deleted meanwhile (the head changed: start again, at most ``_READ_ATTEMPTS`` times)
-or damaged (same head: :class:`CorruptEntryError`). A reader never assembles two versions:
-chunk keys are never reused.
+or lost a chunk to eviction or a manual delete (same head: what is left of that version is
+removed and the item reads as absent, :class:`EntryNotFoundError`). A reader never assembles
+two versions: chunk keys are never reused. Bytes that fail the checksum raise
+:class:`CorruptEntryError` and are never returned.
+
+Batches (``_put_many``, ``_get_many``) pipeline entries up to 64 KiB, where pipelines measured
+faster; larger ones go one command each, where pipelines did not help.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ __all__ = ["RedisBackend"]
 _READ_ATTEMPTS = 4
 _PROVISIONAL_SLACK_S = 60.0
 # Batches go through pipelines only where that measured faster (docs/backends/redis.md):
-# SETs of whole entries up to 1 MiB, GETs of entries up to 64 KiB (manifests included).
+# whole entries up to 64 KiB (manifests included, for reads).
 _PIPELINE_PUT_MAX = 64 << 10
 _PIPELINE_GET_MAX = 64 << 10
 _PIPELINE_BYTES = 16 << 20  # bytes carried by one pipeline, to bound what is buffered
@@ -244,7 +249,12 @@ class RedisBackend(Backend[RedisConfig]):
                     raise EntryNotFoundError(f"entry {skey!r} was deleted while being read")
                 if version_of(now) != manifest.version:
                     raise _Replaced
-                raise CorruptEntryError(f"entry {skey!r}: chunk {i} of {manifest.chunks} is missing")
+                # Evicted (maxmemory) or deleted: drop what is left of this version, so the item
+                # reads as absent (and is written again) instead of failing on every read.
+                self._client.unlink_if_head(key, manifest.head())
+                self._client.unlink(self._keys.chunks(skey, manifest.version, manifest.chunks))
+                raise EntryNotFoundError(f"entry {skey!r} was incomplete: chunk {i} of {manifest.chunks} is gone "
+                                         "(evicted or deleted); what was left of it is removed")
             if len(chunk) != end - start:
                 raise CorruptEntryError(f"entry {skey!r}: chunk {i} has {len(chunk)} bytes, "
                                         f"the manifest promises {end - start}")
