@@ -192,6 +192,7 @@ def _serve_peer(size: int) -> None:
 def _measure(argv: list[str]) -> int:
     import torch
 
+    from ectransfer.codec import payload_view
     from ectransfer.testing.servers import free_port
     from ectransfer.testing.servers.nixl import open_peer_pair
 
@@ -210,21 +211,21 @@ def _measure(argv: list[str]) -> int:
     pair = open_peer_pair(f"nixl://127.0.0.1:{free_port()}", opts)
     try:
         for i, t in enumerate(items):
-            raw.write(f"k{i}", memoryview(t.numpy()))
+            raw.write(f"k{i}", payload_view(t))
             pair.put(f"k{i}", t)
 
         def timed(fn: Any) -> float:
             t0 = time.perf_counter()
             for i in range(args.count):
                 fn(i)
-            return n * args.count / (time.perf_counter() - t0) / 1e6
+            return float(n * args.count / (time.perf_counter() - t0) / 1e6)
 
         runs: dict[str, list[float]] = {"raw READ (pull)": [], "raw WRITE on request (push)": [],
                                         f"backend get_into ({args.landing})": [], "backend get": []}
         for _ in range(args.repeat):  # interleaved, so load changes hit every variant alike
-            runs["raw READ (pull)"].append(timed(lambda i: raw.read_into(f"k{i}", memoryview(outs[i].numpy()))))
+            runs["raw READ (pull)"].append(timed(lambda i: raw.read_into(f"k{i}", payload_view(outs[i]))))
             runs["raw WRITE on request (push)"].append(
-                timed(lambda i: raw.push_into(f"k{i}", memoryview(outs[i].numpy()))))
+                timed(lambda i: raw.push_into(f"k{i}", payload_view(outs[i]))))
             runs[f"backend get_into ({args.landing})"].append(timed(lambda i: pair.get_into(f"k{i}", outs[i])))
             runs["backend get"].append(timed(lambda i: pair.get(f"k{i}")))
         assert all(torch.equal(o, t) for o, t in zip(outs, items))
