@@ -18,7 +18,7 @@ env-test:
 	bash scripts/setup-env.sh test
 
 lint:
-	$(VENV)/bin/ruff check ectransfer tests benchmarks scripts
+	$(VENV)/bin/ruff check ectransfer tests benchmarks scripts examples
 	$(VENV)/bin/mypy
 
 pytest:

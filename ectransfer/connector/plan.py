@@ -63,7 +63,8 @@ class WorkerReport:
         saved = dict(self.saved)
         for k, n in other.saved.items():
             saved[k] = saved.get(k, 0) + n
-        return WorkerReport(saved, {**self.save_failed, **other.save_failed}, merge_stats(self.stats, other.stats))
+        return WorkerReport(saved, {**self.save_failed, **other.save_failed},
+                            merge_stats(self.stats, other.stats, sum_gauges=True))
 
     def is_empty(self) -> bool:
         return not (self.saved or self.save_failed or self.stats)

@@ -2,9 +2,9 @@
 
 The dict form (``{"counters": {...}, "gauges": {...}, "latency_ms": {...}}``) is what travels
 from workers to the scheduler and on to vLLM's stats logger and Prometheus; it holds only
-numbers and lists of numbers, so it pickles and msgpacks. Counters add up across workers and
-intervals, gauges add up across workers (each worker reports its own level), latency samples
-are concatenated and capped at :data:`MAX_SAMPLES` per name.
+numbers and lists of numbers, so it pickles and msgpacks. Counters add up (across workers and
+across intervals); gauges add up across workers (each reports its own level) but the later
+value wins across intervals; latency samples are concatenated, capped at :data:`MAX_SAMPLES`.
 
 Names are documented in docs/vllm.md ("Metrics").
 """
@@ -24,14 +24,18 @@ def _empty() -> dict[str, Any]:
     return {"counters": {}, "gauges": {}, "latency_ms": {}}
 
 
-def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """A new dict holding both; either may be empty (``{}``)."""
+def merge_stats(a: dict[str, Any], b: dict[str, Any], *, sum_gauges: bool = False) -> dict[str, Any]:
+    """A new dict holding both (``b`` is the later interval); either may be empty (``{}``).
+
+    ``sum_gauges=True`` merges two workers of one step (their levels add up); otherwise ``b``'s
+    gauges replace ``a``'s (a later reading of the same worker).
+    """
     out = _empty()
     for src in (a, b):
         for name, v in src.get("counters", {}).items():
             out["counters"][name] = out["counters"].get(name, 0) + v
         for name, v in src.get("gauges", {}).items():
-            out["gauges"][name] = out["gauges"].get(name, 0) + v
+            out["gauges"][name] = out["gauges"].get(name, 0) + v if sum_gauges else v
         for name, samples in src.get("latency_ms", {}).items():
             merged = out["latency_ms"].setdefault(name, [])
             merged.extend(samples[: MAX_SAMPLES - len(merged)])

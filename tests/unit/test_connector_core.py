@@ -328,10 +328,12 @@ def test_stats_merge_and_summary() -> None:
     a = {"counters": {"saves": 2}, "gauges": {"staged_bytes": 10}, "latency_ms": {"fetch": [1.0, 3.0]}}
     b = {"counters": {"saves": 1, "loads": 4}, "gauges": {"staged_bytes": 5}, "latency_ms": {"fetch": [2.0]}}
     m = merge_stats(a, b)
-    assert m["counters"] == {"saves": 3, "loads": 4} and m["gauges"] == {"staged_bytes": 15}
+    assert m["counters"] == {"saves": 3, "loads": 4} and m["gauges"] == {"staged_bytes": 5}, "later gauge wins"
+    assert merge_stats(a, b, sum_gauges=True)["gauges"] == {"staged_bytes": 15}, "two workers add up"
     s = summarize(m)
     assert s["saves"] == 3 and s["fetch_p50_ms"] == 2.0 and s["fetch_mean_ms"] == 2.0
     assert merge_stats({}, {}) == {}
     report = WorkerReport({"x": 1}, {}, a).merge(WorkerReport({"x": 1}, {"y": "boom"}, b))
     assert report.saved == {"x": 2} and report.save_failed == {"y": "boom"}
+    assert report.stats["gauges"] == {"staged_bytes": 15}
     assert not StepPlan() and StepPlan([ItemRef("a", "a", 1)])

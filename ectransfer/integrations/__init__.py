@@ -1,0 +1,1 @@
+"""Framework adapters. Each one is the only place that imports its framework."""
