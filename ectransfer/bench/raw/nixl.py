@@ -1,15 +1,17 @@
-"""Raw NIXL baseline: the same bytes moved between two NIXL agents in two processes.
+"""Raw NIXL baseline: the same bytes moved between two NIXL agents.
 
-:class:`Raw` starts a *peer* process that registers one buffer with its agent and hands over
-its agent metadata and buffer address (msgpack over a loopback socket). ``write`` is a NIXL
-WRITE from the caller's bytes into the peer's buffer; ``read_into`` a NIXL READ from it into
-the caller's buffer, both registered for the call (microseconds for host memory), exactly as
+:class:`Raw` sets up a *peer* agent that registers one buffer and hands over its agent
+metadata and buffer address. ``write`` is a NIXL WRITE from the caller's bytes into the peer's
+buffer; ``read_into`` a NIXL READ from it into the caller's buffer, both registered for the call (microseconds for host memory), exactly as
 the backend's ``landing="direct"`` does, but without lookups, leases or checksums.
 ``push_into`` has the peer WRITE into our buffer on request: the push alternative to a pull.
 
+The peer agent lives in this process (as ``ectransfer-bench`` runs the backend's producer and
+consumer in one process) or, with ``peer_process=True``, in a child process.
+
 ``python -m ectransfer.bench.raw.nixl`` measures, in one run, raw READ (pull) against raw
 WRITE-on-request (push) and the nixl backend's ``get_into`` (producer in another process)
-against the raw READ of the same bytes.
+against the raw READ of the same bytes, with the raw peer in another process too.
 """
 
 from __future__ import annotations
@@ -57,50 +59,117 @@ def _address(buf: memoryview) -> int:
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(buf) else 0
 
 
-class Raw(RawClient):
-    """Two agents, two processes, nothing of ectransfer in between (see the module docstring)."""
+class _LocalPeer:
+    """The peer agent in this process: what ``ectransfer-bench`` compares with, since it runs the
+    backend's producer and consumer in one process too."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
-        super().__init__(url, options)
+    def __init__(self, size: int) -> None:
+        import torch
+
+        self.agent = _agent(f"raw-peer-{os.getpid()}-{id(self):x}")
+        self.buf = torch.zeros(size, dtype=torch.uint8)
+        self.registration = self.agent.register_memory([(self.buf.data_ptr(), size, 0, "")], "DRAM")
+        self.addr, self.size = int(self.buf.data_ptr()), size
+        self._initiator = ""
+
+    def metadata(self) -> bytes:
+        md: bytes = self.agent.get_agent_metadata()
+        return md
+
+    def push(self, src: int, dst: int, n: int, initiator_md: bytes | None, timeout_s: float) -> None:
+        if initiator_md is not None:
+            self._initiator = self.agent.add_remote_agent(initiator_md)
+        a = self.agent
+        handle = a.initialize_xfer("WRITE", a.get_xfer_descs([(self.addr + src, n, 0)], "DRAM"),
+                                   a.get_xfer_descs([(dst, n, 0)], "DRAM"), self._initiator)
+        _wait(a, handle, timeout_s)
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self.registration)
+
+
+class _ProcessPeer:
+    """The peer agent in a child process (``python -m ectransfer.bench.raw.nixl peer SIZE``)."""
+
+    def __init__(self, size: int) -> None:
         from ectransfer.backends.nixl.control import recv_message
 
         self._recv = recv_message
-        size = parse_size(options.get("arena_bytes", _DEFAULT_PEER_BYTES), what="arena_bytes")
-        self.timeout_s = float(options.get("timeout_s", 30.0))
-        self._peer = subprocess.Popen([sys.executable, "-m", "ectransfer.bench.raw.nixl", "peer", str(size)], stdout=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL)
-        self._sock = socket.create_connection(("127.0.0.1", self._peer_port(60.0)), timeout=60)
-        hello = self._recv(self._sock, time.monotonic() + 60)
-        self._agent = _agent(f"raw-initiator-{os.getpid()}")
-        self._peer_name = self._agent.add_remote_agent(hello["metadata"])
-        self._peer_addr, self._peer_size = int(hello["addr"]), int(hello["size"])
-        self._slots: dict[str, tuple[int, int]] = {}
-        self._next = 0
-        self._push_targets: dict[tuple[int, int], Any] = {}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ectransfer.bench.raw.nixl", "peer", str(size)],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.sock = socket.create_connection(("127.0.0.1", self._port(60.0)), timeout=60)
+        hello = self._recv(self.sock, time.monotonic() + 60)
+        self._metadata: bytes = hello["metadata"]
+        self.addr, self.size = int(hello["addr"]), int(hello["size"])
 
-    def _peer_port(self, timeout_s: float) -> int:
+    def _port(self, timeout_s: float) -> int:
         """The port the peer prints as ``PORT <n>`` (NIXL logs to the same stdout first)."""
-        assert self._peer.stdout is not None
+        assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self._peer.stdout], [], [], left)
-            line = self._peer.stdout.readline() if ready else b""
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            line = self.proc.stdout.readline() if ready else b""
             if line.startswith(b"PORT "):
                 return int(line.split()[1])
             if ready and not line:
                 break  # the peer exited
-        self._peer.kill()
-        self._peer.wait(10)
+        self.proc.kill()
+        self.proc.wait(10)
         raise BackendConnectionError("the raw NIXL peer process did not start")
 
+    def metadata(self) -> bytes:
+        return self._metadata
+
+    def push(self, src: int, dst: int, n: int, initiator_md: bytes | None, timeout_s: float) -> None:
+        from ectransfer.backends.nixl.control import send_message
+
+        msg: dict[str, Any] = {"src": src, "dst": dst, "len": n}
+        if initiator_md is not None:
+            msg["metadata"] = initiator_md
+        send_message(self.sock, msg)
+        reply = self._recv(self.sock, time.monotonic() + timeout_s)
+        if reply.get("state") != "DONE":
+            raise BackendConnectionError(f"raw NIXL push failed ({reply})")
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Raw(RawClient):
+    """Two NIXL agents and nothing of ectransfer in between (see the module docstring).
+
+    The peer agent lives in this process by default (as the bench's producer does), or in a
+    child process with ``peer_process=True``.
+    """
+
+    def __init__(self, url: str, options: dict[str, Any], *, peer_process: bool = False) -> None:
+        super().__init__(url, options)
+        from ectransfer.backends.nixl.arena import Allocator
+
+        size = parse_size(options.get("arena_bytes", _DEFAULT_PEER_BYTES), what="arena_bytes")
+        self.timeout_s = float(options.get("timeout_s", 30.0))
+        self._peer: _LocalPeer | _ProcessPeer = _ProcessPeer(size) if peer_process else _LocalPeer(size)
+        self._agent = _agent(f"raw-initiator-{os.getpid()}-{id(self):x}")
+        self._peer_name = self._agent.add_remote_agent(self._peer.metadata())
+        self._space = Allocator(self._peer.size)
+        self._slots: dict[str, Any] = {}
+        self._push_targets: dict[tuple[int, int], Any] = {}
+
     def _slot(self, name: str, n: int) -> int:
-        off, length = self._slots.get(name, (-1, 0))
-        if off < 0 or length != n:
-            if self._next + n > self._peer_size:
-                raise CapacityError(f"raw NIXL peer buffer ({self._peer_size} bytes) is full")
-            off, self._next = self._next, self._next + n
-            self._slots[name] = (off, n)
-        return off
+        slot = self._slots.get(name)
+        if slot is None or slot.length != n:
+            if slot is not None:
+                self._space.free(slot)
+            slot = self._space.alloc(n)
+            if slot is None:
+                raise CapacityError(f"raw NIXL peer buffer ({self._peer.size} bytes) is full")
+            self._slots[name] = slot
+        return int(slot.offset)
 
     def _xfer(self, op: str, buf: memoryview, remote_off: int) -> None:
         n = len(buf)
@@ -111,7 +180,7 @@ class Raw(RawClient):
         reg = a.register_memory([(addr, n, 0, "")], "DRAM")
         try:
             handle = a.initialize_xfer(op, a.get_xfer_descs([(addr, n, 0)], "DRAM"),
-                                       a.get_xfer_descs([(self._peer_addr + remote_off, n, 0)], "DRAM"),
+                                       a.get_xfer_descs([(self._peer.addr + remote_off, n, 0)], "DRAM"),
                                        self._peer_name)
             _wait(a, handle, self.timeout_s)
         finally:
@@ -121,41 +190,36 @@ class Raw(RawClient):
         self._xfer("WRITE", memoryview(data).cast("B"), self._slot(name, len(data)))
 
     def read_into(self, name: str, out: memoryview) -> None:
-        off, n = self._slots[name]
+        slot = self._slots[name]
         view = memoryview(out).cast("B")
-        if len(view) != n:
-            raise ValueError(f"{name!r} is {n} bytes, destination is {len(view)}")
-        self._xfer("READ", view, off)
+        if len(view) != slot.length:
+            raise ValueError(f"{name!r} is {slot.length} bytes, destination is {len(view)}")
+        self._xfer("READ", view, slot.offset)
 
     def push_into(self, name: str, out: memoryview) -> None:
-        """The peer WRITEs ``name`` into ``out`` on request (push), replying when it landed.
+        """The peer WRITEs ``name`` into ``out`` on request (push), returning when it landed.
 
         A push target must be known to the peer before the WRITE, so ``out`` stays registered
         (like a receive buffer registered once) and the peer gets fresh metadata when it grows.
         """
-        from ectransfer.backends.nixl.control import send_message
-
-        off, n = self._slots[name]
+        slot = self._slots[name]
         view = memoryview(out).cast("B")
         addr = _address(view)
-        msg: dict[str, Any] = {"src": off, "dst": addr, "len": n}
-        if (addr, n) not in self._push_targets:
-            self._push_targets[(addr, n)] = self._agent.register_memory([(addr, n, 0, "")], "DRAM")
-            msg["metadata"] = self._agent.get_agent_metadata()
-        send_message(self._sock, msg)
-        reply = self._recv(self._sock, time.monotonic() + self.timeout_s)
-        if reply.get("state") != "DONE":
-            raise BackendConnectionError(f"raw NIXL push failed ({reply})")
+        md = None
+        if (addr, slot.length) not in self._push_targets:
+            self._push_targets[(addr, slot.length)] = self._agent.register_memory([(addr, slot.length, 0, "")], "DRAM")
+            md = self._agent.get_agent_metadata()
+        self._peer.push(slot.offset, addr, slot.length, md, self.timeout_s)
+
+    def delete(self, name: str) -> None:
+        slot = self._slots.pop(name, None)
+        if slot is not None:
+            self._space.free(slot)
 
     def close(self) -> None:
         for reg in self._push_targets.values():
             self._agent.deregister_memory(reg)
-        self._sock.close()
-        try:
-            self._peer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._peer.kill()
-            self._peer.wait(10)
+        self._peer.close()
 
 
 def _serve_peer(size: int) -> None:
@@ -207,7 +271,7 @@ def _measure(argv: list[str]) -> int:
     items = [torch.randint(0, 256, (n,), dtype=torch.uint8) for _ in range(args.count)]
     outs = [torch.empty(n, dtype=torch.uint8) for _ in range(args.count)]
     opts = {"arena_bytes": max(2 * n * args.count, 64 << 20), "recv_buffer_bytes": 2 * n, "landing": args.landing}
-    raw = Raw("", opts)
+    raw = Raw("", opts, peer_process=True)
     pair = open_peer_pair(f"nixl://127.0.0.1:{free_port()}", opts)
     try:
         for i, t in enumerate(items):
