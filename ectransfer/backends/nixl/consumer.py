@@ -427,7 +427,8 @@ class Consumer:
         calls += [(p, untargeted) for p in peers if untargeted]
         futures = [self._pool.submit(p.client.request, {"op": "free", "keys": keys}, self.config.lookup_timeout_s)
                    for p, keys in calls]
-        for fut in cf.as_completed(futures, timeout=self.config.lookup_timeout_s + 0.5):
+        done, _ = cf.wait(futures, timeout=self.config.lookup_timeout_s + 0.5)
+        for fut in done:
             try:
                 fut.result()
             except ECTransferError as exc:

@@ -60,6 +60,7 @@ class Producer:
         self._agent: Agent | None = None
         self._arena: Arena | None = None
         self._cond = threading.Condition()
+        self._arena_lock = threading.Lock()
         self._live: dict[str, _Item] = {}
         self._retired: dict[tuple[str, int], _Item] = {}
         self._version = 0
@@ -71,10 +72,14 @@ class Producer:
 
     # ----------------------------------------------------------------- arena (lazy)
     def _ensure_arena(self) -> Arena:
-        if self._arena is None:
-            self._agent = self._agent_factory()
-            self._arena = Arena(self._agent, self.config.arena_bytes, self.config.arena_device)
-        return self._arena
+        # Its own lock: creating the agent takes a second, and lookups must not wait for it.
+        with self._arena_lock:
+            if self._arena is None:
+                agent = self._agent_factory()
+                arena = Arena(agent, self.config.arena_bytes, self.config.arena_device)
+                with self._cond:
+                    self._agent, self._arena = agent, arena
+            return self._arena
 
     # ----------------------------------------------------------------- writes
     def put(self, skey: str, tensor: torch.Tensor) -> None:
@@ -90,8 +95,8 @@ class Producer:
         self._store(skey, [data], len(data), head_len)
 
     def _store(self, skey: str, parts: list[bytes | memoryview], total: int, head_len: int) -> None:
+        arena = self._ensure_arena()
         with self._cond:
-            arena = self._ensure_arena()
             if total > arena.capacity:
                 raise CapacityError(
                     f"entry {skey!r} is {total} bytes, larger than the whole nixl arena "
