@@ -311,3 +311,12 @@ class Backend(abc.ABC, Generic[CfgT]):
         ns = f" namespace={self._namespace!r}" if self._namespace else ""
         return f"{self.name}{ns}"
 
+    def stats(self) -> dict[str, float]:
+        """Backend-specific counters since the backend was opened (cumulative, never reset).
+
+        Names are short identifiers (``[a-z0-9_]``), e.g. a tiered backend's ``tier0_hits``.
+        The connector reports their increase per step as ``backend_<name>`` counters (and
+        Prometheus ``vllm:ectransfer_backend_events_total{event="<name>"}``). Default: none.
+        """
+        return {}
+

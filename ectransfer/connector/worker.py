@@ -103,6 +103,7 @@ class WorkerSide:
         self._pool = StagingPool(options.max_staged_bytes) if self.device.type == "cuda" else None
         self._in_copy: list[tuple[Any, torch.Tensor]] = []  # (event, pool buffer) until the copy ran
         self._layouts: dict[str, tuple[int, torch.dtype]] = {}  # modality -> (width, dtype) seen
+        self._backend_seen: dict[str, float] = {}  # backend.stats() at the last report
 
     # ------------------------------------------------------------------ saves
     def save(self, item_id: str, key: str, tensor: torch.Tensor) -> None:
@@ -341,8 +342,21 @@ class WorkerSide:
             self.stats.set_gauge("saves_in_flight", len(self._saving))
         if self._saver is not None:
             self.stats.set_gauge("save_inflight_bytes", self._saver.inflight_bytes)
+        self._report_backend_stats()
         report = WorkerReport(saved, failed, self.stats.take())
         return None if report.is_empty() else report
+
+    def _report_backend_stats(self) -> None:
+        try:
+            now = self.backend.stats()
+        except Exception as exc:  # noqa: BLE001 - a backend's counters must never break a step
+            log.debug("ectransfer: backend stats failed: %s", exc)
+            return
+        for name, value in now.items():
+            delta = value - self._backend_seen.get(name, 0)
+            if delta:
+                self.stats.add(f"backend_{name}", delta)
+        self._backend_seen = dict(now)
 
     @property
     def staged_bytes(self) -> int:

@@ -337,3 +337,33 @@ def test_stats_merge_and_summary() -> None:
     assert report.saved == {"x": 2} and report.save_failed == {"y": "boom"}
     assert report.stats["gauges"] == {"staged_bytes": 15}
     assert not StepPlan() and StepPlan([ItemRef("a", "a", 1)])
+
+
+class _CountingBackend(MemoryBackend):
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.puts = 0
+
+    def _put(self, skey: str, tensor: torch.Tensor) -> None:
+        self.puts += 1
+        super()._put(skey, tensor)
+
+    def stats(self) -> dict[str, float]:
+        return {"puts": self.puts}
+
+
+def test_backend_counters_are_reported_as_increases() -> None:
+    be = _CountingBackend(open_backend("memory://").config)
+    w = WorkerSide(be, ConnectorOptions(), produce=True, consume=False)
+    try:
+        for i in range(3):
+            w.save(f"k{i}", f"k{i}", torch.ones(2))
+        w._saver.flush(10)  # type: ignore[union-attr]
+        first = w.report()
+        assert first is not None and first.stats["counters"]["backend_puts"] == 3
+        w.save("k9", "k9", torch.ones(2))
+        w._saver.flush(10)  # type: ignore[union-attr]
+        second = w.report()
+        assert second is not None and second.stats["counters"]["backend_puts"] == 1, "an increase, not a total"
+    finally:
+        w.close()

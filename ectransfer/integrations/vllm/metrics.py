@@ -91,6 +91,10 @@ class ECTransferPromMetrics(ECConnectorPromMetrics):
                 per_engine_labelvalues)
             for name, doc in GAUGES.items()
         }
+        self.backend_events = counter_cls(
+            name="vllm:ectransfer_backend_events", documentation="Backend-specific counters (Backend.stats())",
+            labelnames=[*labelnames, "event"])
+        self.per_engine_labelvalues = per_engine_labelvalues
         self.histograms: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
                 histogram_cls(name=f"vllm:ectransfer_{name}_seconds", documentation=doc,
@@ -104,6 +108,9 @@ class ECTransferPromMetrics(ECConnectorPromMetrics):
             metric = self.counters.get(name)
             if metric is not None and value > 0:
                 metric[engine_idx].inc(value)
+            elif name.startswith("backend_") and value > 0:
+                labels = self.per_engine_labelvalues.get(engine_idx, [])
+                self.backend_events.labels(*labels, name.removeprefix("backend_")).inc(value)
         for name, value in transfer_stats_data.get("gauges", {}).items():
             metric = self.gauges.get(name)
             if metric is not None:
