@@ -306,3 +306,28 @@ def test_buffer_landing_round_trips_and_frees_its_buffer(fleet: ProducerFleet) -
         with pytest.raises(CapacityError, match="recv_buffer_bytes"):
             be.get("too-big")
         be.release(["buf", "too-big"])
+
+
+# ------------------------------------------------------------------------- raw baseline
+@pytest.mark.parametrize("peer_process", [False, True], ids=["peer-in-process", "peer-process"])
+def test_raw_baseline_moves_the_same_bytes(peer_process: bool) -> None:
+    from ectransfer.bench.raw.nixl import Raw
+    from ectransfer.codec import payload_view
+
+    raw = Raw("nixl://127.0.0.1:1", {"arena_bytes": "4MiB"}, peer_process=peer_process)
+    try:
+        data = make_tensor((1 << 20,), torch.uint8, seed=3)
+        raw.write("k", payload_view(data))
+        out = torch.zeros_like(data)
+        raw.read_into("k", payload_view(out))
+        assert same_bits(out, data)
+        pushed = torch.zeros_like(data)
+        raw.push_into("k", payload_view(pushed))
+        assert same_bits(pushed, data)
+        for i in range(8):  # deleting frees the peer's space for the next items
+            raw.delete(f"x{i - 1}")
+            raw.write(f"x{i}", payload_view(data))
+        with pytest.raises(CapacityError):
+            raw.write("too-big", payload_view(torch.zeros(8 << 20, dtype=torch.uint8)))
+    finally:
+        raw.close()
