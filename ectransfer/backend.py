@@ -311,12 +311,13 @@ class Backend(abc.ABC, Generic[CfgT]):
         ns = f" namespace={self._namespace!r}" if self._namespace else ""
         return f"{self.name}{ns}"
 
-    def stats(self) -> dict[str, float]:
-        """Backend-specific counters since the backend was opened (cumulative, never reset).
+    def stats(self) -> dict[str, Any]:
+        """Backend-specific readings: cumulative counters or current levels, by name.
 
-        Names are short identifiers (``[a-z0-9_]``), e.g. a tiered backend's ``tier0_hits``.
-        The connector reports their increase per step as ``backend_<name>`` counters (and
-        Prometheus ``vllm:ectransfer_backend_events_total{event="<name>"}``). Default: none.
+        Names are short identifiers (``[a-z0-9_]``), e.g. a tiered backend's ``tier0_hits`` or
+        NIXL's ``arena_used_bytes``. The connector exports every numeric value as a gauge,
+        ``backend_<name>`` in the logged stats and Prometheus ``vllm:ectransfer_backend{stat=}``;
+        other values (strings, lists: diagnostics) are ignored there. Default: none.
         """
         return {}
 

@@ -103,7 +103,6 @@ class WorkerSide:
         self._pool = StagingPool(options.max_staged_bytes) if self.device.type == "cuda" else None
         self._in_copy: list[tuple[Any, torch.Tensor]] = []  # (event, pool buffer) until the copy ran
         self._layouts: dict[str, tuple[int, torch.dtype]] = {}  # modality -> (width, dtype) seen
-        self._backend_seen: dict[str, float] = {}  # backend.stats() at the last report
 
     # ------------------------------------------------------------------ saves
     def save(self, item_id: str, key: str, tensor: torch.Tensor) -> None:
@@ -353,10 +352,8 @@ class WorkerSide:
             log.debug("ectransfer: backend stats failed: %s", exc)
             return
         for name, value in now.items():
-            delta = value - self._backend_seen.get(name, 0)
-            if delta:
-                self.stats.add(f"backend_{name}", delta)
-        self._backend_seen = dict(now)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.stats.set_gauge(f"backend_{name}", value)
 
     @property
     def staged_bytes(self) -> int:

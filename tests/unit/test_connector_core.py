@@ -348,11 +348,11 @@ class _CountingBackend(MemoryBackend):
         self.puts += 1
         super()._put(skey, tensor)
 
-    def stats(self) -> dict[str, float]:
-        return {"puts": self.puts}
+    def stats(self) -> dict[str, Any]:
+        return {"puts": self.puts, "role": "diagnostic text", "flag": True}
 
 
-def test_backend_counters_are_reported_as_increases() -> None:
+def test_backend_readings_are_reported_as_gauges() -> None:
     be = _CountingBackend(open_backend("memory://").config)
     w = WorkerSide(be, ConnectorOptions(), produce=True, consume=False)
     try:
@@ -360,10 +360,11 @@ def test_backend_counters_are_reported_as_increases() -> None:
             w.save(f"k{i}", f"k{i}", torch.ones(2))
         w._saver.flush(10)  # type: ignore[union-attr]
         first = w.report()
-        assert first is not None and first.stats["counters"]["backend_puts"] == 3
+        assert first is not None and first.stats["gauges"]["backend_puts"] == 3
+        assert "backend_role" not in first.stats["gauges"] and "backend_flag" not in first.stats["gauges"]
         w.save("k9", "k9", torch.ones(2))
         w._saver.flush(10)  # type: ignore[union-attr]
         second = w.report()
-        assert second is not None and second.stats["counters"]["backend_puts"] == 1, "an increase, not a total"
+        assert second is not None and second.stats["gauges"]["backend_puts"] == 4
     finally:
         w.close()

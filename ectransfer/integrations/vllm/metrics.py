@@ -91,9 +91,9 @@ class ECTransferPromMetrics(ECConnectorPromMetrics):
                 per_engine_labelvalues)
             for name, doc in GAUGES.items()
         }
-        self.backend_events = counter_cls(
-            name="vllm:ectransfer_backend_events", documentation="Backend-specific counters (Backend.stats())",
-            labelnames=[*labelnames, "event"])
+        self.backend_stats = gauge_cls(
+            name="vllm:ectransfer_backend", documentation="Backend-specific readings (Backend.stats())",
+            labelnames=[*labelnames, "stat"], multiprocess_mode="mostrecent")
         self.per_engine_labelvalues = per_engine_labelvalues
         self.histograms: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
@@ -108,13 +108,13 @@ class ECTransferPromMetrics(ECConnectorPromMetrics):
             metric = self.counters.get(name)
             if metric is not None and value > 0:
                 metric[engine_idx].inc(value)
-            elif name.startswith("backend_") and value > 0:
-                labels = self.per_engine_labelvalues.get(engine_idx, [])
-                self.backend_events.labels(*labels, name.removeprefix("backend_")).inc(value)
         for name, value in transfer_stats_data.get("gauges", {}).items():
             metric = self.gauges.get(name)
             if metric is not None:
                 metric[engine_idx].set(value)
+            elif name.startswith("backend_"):
+                labels = self.per_engine_labelvalues.get(engine_idx, [])
+                self.backend_stats.labels(*labels, name.removeprefix("backend_")).set(value)
         for name, samples in transfer_stats_data.get("latency_ms", {}).items():
             metric = self.histograms.get(name)
             if metric is not None:
