@@ -210,11 +210,16 @@ class FsspecBackend(Backend[FsspecConfig]):
         chunk = max(self.config.part_size, nbytes) if below else self.config.part_size
         return {"chunksize": chunk, "max_concurrency": self.config.max_concurrency}
 
-    async def _write(self, skey: str, entry: EncodedEntry) -> None:
+    def _encode(self, tensor: torch.Tensor) -> tuple[EncodedEntry, bytes | None]:
+        """The entry, and for single writes its bytes (joined here, in the caller's thread,
+        not on the shared I/O loop). s3fs needs bytes: botocore refuses memoryviews."""
+        entry = encode(tensor, self._namespace)
+        return entry, entry.to_bytes() if self.config.atomic_put else None
+
+    async def _write(self, skey: str, entry: EncodedEntry, blob: bytes | None) -> None:
         path = self.entry_path(skey)
-        if self.config.atomic_put:
-            # s3fs needs bytes (botocore refuses memoryviews): one join, measured in the docs.
-            await self._call("pipe_file", path, entry.to_bytes(), **self._pipe_kwargs(entry.nbytes))
+        if blob is not None:
+            await self._call("pipe_file", path, blob, **self._pipe_kwargs(len(blob)))
             return
         parent = posixpath.dirname(path)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
@@ -241,13 +246,18 @@ class FsspecBackend(Backend[FsspecConfig]):
             f.write(entry.payload)
 
     def _put(self, skey: str, tensor: torch.Tensor) -> None:
-        entry = encode(tensor, self._namespace)
-        self._run(self._write(skey, entry), "write", repr(skey), self._put_bound(entry.nbytes))
+        entry, blob = self._encode(tensor)
+        self._run(self._write(skey, entry, blob), "write", repr(skey), self._put_bound(entry.nbytes))
+
+    async def _encode_write(self, skey: str, tensor: torch.Tensor) -> None:
+        # Encoding (checksum, join) in a worker thread overlaps other items' requests.
+        entry, blob = await asyncio.to_thread(self._encode, tensor)
+        await self._write(skey, entry, blob)
 
     def _put_many(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        entries = [(skey, encode(t, self._namespace)) for skey, t in items]
-        jobs = [(lambda s=skey, e=entry: self._write(s, e), self._put_bound(entry.nbytes)) for skey, entry in entries]
-        self._run_many(jobs, "write", [repr(s) for s, _ in entries])
+        jobs = [(lambda s=skey, t=t: self._encode_write(s, t), self._put_bound(t.numel() * t.element_size()))
+                for skey, t in items]
+        self._run_many(jobs, "write", [repr(s) for s, _ in items])
 
     # ------------------------------------------------------------------ read
     async def _read(self, skey: str) -> bytes:
@@ -267,16 +277,20 @@ class FsspecBackend(Backend[FsspecConfig]):
     def _get_into(self, skey: str, out: torch.Tensor) -> None:
         self._decode(skey, self._run(self._read(skey), "read", repr(skey)), out)
 
-    def _read_many(self, skeys: list[str]) -> list[bytes]:
-        jobs = [(lambda s=skey: self._read(s), self.config.timeout_s) for skey in skeys]
-        return self._run_many(jobs, "read", [repr(s) for s in skeys])
+    async def _read_decode(self, skey: str, out: torch.Tensor | None) -> torch.Tensor:
+        # Verifying and copying in a worker thread overlaps other items' requests, and frees
+        # each item's bytes as soon as it is decoded.
+        data = await self._read(skey)
+        return await asyncio.to_thread(self._decode, skey, data, out)
 
     def _get_many(self, skeys: list[str]) -> list[torch.Tensor]:
-        return [self._decode(k, data, None) for k, data in zip(skeys, self._read_many(skeys))]
+        jobs = [(lambda s=skey: self._read_decode(s, None), self.config.timeout_s) for skey in skeys]
+        return self._run_many(jobs, "read", [repr(s) for s in skeys])
 
     def _get_many_into(self, skeys: list[str], outs: list[torch.Tensor]) -> None:
-        for k, data, out in zip(skeys, self._read_many(skeys), outs):
-            self._decode(k, data, out)
+        jobs = [(lambda s=skey, o=out: self._read_decode(s, o), self.config.timeout_s)
+                for skey, out in zip(skeys, outs)]
+        self._run_many(jobs, "read", [repr(s) for s in skeys])
 
     # ------------------------------------------------------------------ exists / delete
     async def _exists_one(self, skey: str) -> bool:
