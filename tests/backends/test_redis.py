@@ -568,6 +568,28 @@ def test_full_server_is_a_capacity_error(tmp_path: Path) -> None:
                 be.put("chunked", torch.zeros(3 << 20, dtype=torch.uint8))
 
 
+def test_lru_eviction_never_yields_a_partial_item(tmp_path: Path) -> None:
+    """allkeys-lru evicts chunks and manifests independently: a read is whole or absent."""
+    with servers.spawn(tmp_path / "lru", args=["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru",
+                                               "--maxmemory-samples", "3"]) as srv:
+        with open_backend(srv.url, chunk_bytes=256 << 10) as be:
+            items = {f"img-{i}": make_tensor((512, 1024), torch.uint8, seed=i) for i in range(24)}  # 24 x 512 KiB
+            for k, t in items.items():
+                be.put(k, t)
+            outcomes = {"whole": 0, "absent": 0}
+            for k, t in items.items():
+                try:
+                    got = be.get(k)
+                except EntryNotFoundError:
+                    outcomes["absent"] += 1
+                    assert be.exists([k]) == [False]
+                    continue
+                assert same_bits(got, t), f"{k}: a wrong tensor after eviction"
+                outcomes["whole"] += 1
+            assert outcomes["absent"] > 0, "8 MB cannot hold 12 MB of items: something must have been evicted"
+            assert be.client.info("stats")["evicted_keys"] > 0
+
+
 # ------------------------------------------------------------------------- server failures
 def _in_thread(fn: Callable[[], Any], limit_s: float) -> BaseException | None:
     """Run ``fn``; fail the test if it does not end within ``limit_s`` (a hang); return its error."""
