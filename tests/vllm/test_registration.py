@@ -132,3 +132,26 @@ def test_stats_reach_the_scheduler_stats_and_prometheus(tmp_path: Path, tiny_mod
     assert registry.get_sample_value("vllm:ectransfer_fetch_seconds_count", {"engine": "0"}) == 1
     assert registry.get_sample_value("vllm:ectransfer_load_bytes_total", {"engine": "0"}) == embedding_for(
         "img-m").numel() * 4
+
+
+def test_credentials_never_reach_start_up_errors_or_logs(tiny_model: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A consumer whose store rejects it: the error and every log line stay free of the password."""
+    pytest.importorskip("redis", reason="needs redis-py: pip install 'ectransfer[redis]'")
+    import logging
+
+    from vllm.distributed.ec_transfer import ensure_ec_transfer_shutdown
+
+    from ectransfer import ECTransferError
+    from ectransfer.testing.servers import free_port
+
+    secret = "s3cr3t-" + "x" * 12
+    url = f"redis://alice:{secret}@127.0.0.1:{free_port()}/0"
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ECTransferError) as info:
+        try:
+            Engine(vllm_config(tiny_model, "ec_consumer", {"url": url, "timeout_s": 2.0}))
+        finally:
+            ensure_ec_transfer_shutdown()
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert "alice" in str(info.value) or "127.0.0.1" in str(info.value), "the error should say where"
+    assert secret not in caplog.text
