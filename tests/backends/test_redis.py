@@ -170,6 +170,7 @@ def test_deleted_chunk_makes_the_item_absent_never_a_tensor(opener: Callable[...
         read()
     assert be.exists(["k", "other"]) == [False, True]
     assert all(b"{k}" not in k for k in _all_keys(be)), "what was left of the damaged item is removed"
+    assert be.stats()["incomplete_removed"] == 1
     with pytest.raises(EntryNotFoundError):
         be.get("k")
 
@@ -281,6 +282,7 @@ def test_reader_racing_an_overwrite_gets_a_whole_version(opener: Callable[..., R
     monkeypatch.setattr(reader._client, "get", get_then_replace)
     assert same_bits(reader.get("k"), new)
     assert raced
+    assert reader.stats()["read_retries"] == 1 and writer.stats()["chunked_puts"] == 2
 
 
 def test_reader_of_an_item_replaced_on_every_read_gives_up_cleanly(

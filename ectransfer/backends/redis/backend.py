@@ -23,7 +23,9 @@ faster; larger ones go one command each, where pipelines did not help.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,6 +79,8 @@ class RedisBackend(Backend[RedisConfig]):
         self._keys = Keys(config.key_prefix)
         self._ttl_ms = None if config.ttl_s is None else max(1, round(config.ttl_s * 1000))
         self._grace_ms = max(1, round(config.timeout_s * 1000))
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
         self._client = RedisClient(config)
         try:
             self._client.ping()  # wrong host, password, db or TLS settings fail here, not later
@@ -95,6 +99,16 @@ class RedisBackend(Backend[RedisConfig]):
     @classmethod
     def config_from_url(cls, url: str | None, options: Mapping[str, Any]) -> BackendConfig:
         return RedisConfig.from_url(url, options)
+
+    def stats(self) -> dict[str, Any]:
+        """``chunked_puts``; ``read_retries`` (an item replaced while being read);
+        ``incomplete_removed`` (items found without a chunk, e.g. evicted: maxmemory too small)."""
+        with self._counts_lock:
+            return {k: self._counts[k] for k in ("chunked_puts", "read_retries", "incomplete_removed")}
+
+    def _count(self, what: str) -> None:
+        with self._counts_lock:
+            self._counts[what] += 1
 
     @property
     def client(self) -> Any:
@@ -131,6 +145,7 @@ class RedisBackend(Backend[RedisConfig]):
         final_ms = None if self._ttl_ms is None else self._ttl_ms + self._grace_ms
         old, alive = self._client.swap(key, manifest.encode(), HEAD_LEN, self._ttl_ms, chunk_keys, final_ms)
         self._retire(skey, old, manifest.version)
+        self._count("chunked_puts")
         if not all(alive):
             # The write outlived the provisional expiry: withdraw the manifest unless replaced.
             self._client.unlink_if_head(key, manifest.head())
@@ -192,6 +207,7 @@ class RedisBackend(Backend[RedisConfig]):
             try:
                 return self._chunked(skey, key, value, out)
             except _Replaced:
+                self._count("read_retries")
                 continue
         raise TransferTimeoutError(f"redis backend: {skey!r} was replaced {_READ_ATTEMPTS} times while being "
                                    "read; no consistent version could be read")
@@ -253,6 +269,7 @@ class RedisBackend(Backend[RedisConfig]):
                 # reads as absent (and is written again) instead of failing on every read.
                 self._client.unlink_if_head(key, manifest.head())
                 self._client.unlink(self._keys.chunks(skey, manifest.version, manifest.chunks))
+                self._count("incomplete_removed")
                 raise EntryNotFoundError(f"entry {skey!r} was incomplete: chunk {i} of {manifest.chunks} is gone "
                                          "(evicted or deleted); what was left of it is removed")
             if len(chunk) != end - start:
