@@ -25,7 +25,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ectransfer.testing.vllm import Engine, embedding_for, make_request, use_cpu_env, vllm_config, write_tiny_model
+from ectransfer.testing.vllm import (
+    Engine,
+    embedding_for,
+    make_request,
+    read_result,
+    use_cpu_env,
+    vllm_config,
+    write_tiny_model,
+)
 
 
 def main() -> int:
@@ -64,7 +72,7 @@ def run(work: Path, extra: dict[str, object]) -> int:
     assert producer.stdin is not None and producer.stdout is not None
     producer.stdin.write(json.dumps({"requests": [{"id": "enc-1", "items": ["img-cat", "img-dog"]}]}) + "\n")
     producer.stdin.flush()
-    answer = json.loads(producer.stdout.readline())
+    answer = read_result(producer.stdout, timeout_s=300)
     print(f"encoder: encoded and saved {answer['encoded']}")
     params = answer["ec_transfer_params"]["enc-1"]
 

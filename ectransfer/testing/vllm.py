@@ -42,6 +42,7 @@ def use_cpu_env() -> None:
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
 
+RESULT_PREFIX = "ectransfer-producer-result: "  # native libraries also write to stdout
 IMAGE_TOKEN = 4  # "<image>" in the tiny model's vocabulary
 EMBEDS = 4  # BLIP-2 num_query_tokens: embeddings per image
 HIDDEN = 64  # the tiny model's text hidden size
@@ -258,9 +259,28 @@ class Engine:
         ensure_ec_transfer_shutdown()
 
 
+def read_result(stream: Any, timeout_s: float) -> dict[str, Any]:
+    """The next result a producer process printed on ``stream`` (other lines are skipped)."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([stream], [], [], max(0.0, left))
+        if not ready:
+            raise TimeoutError(f"no producer result within {timeout_s} s")
+        line = stream.readline()
+        if not line:
+            raise EOFError("the producer process ended without a result")
+        if line.startswith(RESULT_PREFIX):
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            return result
+
+
 def _produce(spec: dict[str, Any]) -> None:
     """Producer process: for each JSON line on stdin (``{"requests": [{"id", "items"}]}``),
-    encode the requests, wait for their saves, and print ``{"ec_transfer_params", "encoded"}``.
+    encode the requests, wait for their saves, and print :data:`RESULT_PREFIX` followed by
+    ``{"ec_transfer_params", "encoded"}`` as JSON (see :func:`read_result`).
     Ends at end of input; until then it also serves what it saved (a peer-to-peer producer)."""
     torch.set_num_threads(1)
     engine = Engine(vllm_config(spec["model"], "ec_producer", spec["extra"]))
@@ -274,7 +294,7 @@ def _produce(spec: dict[str, Any]) -> None:
             encoded = engine.encoded[before:]
             engine.wait_saved(set(encoded))
             params = {r["id"]: engine.finished[r["id"]].ec_transfer_params for r in command["requests"]}
-            print(json.dumps({"ec_transfer_params": params, "encoded": encoded}), flush=True)
+            print(RESULT_PREFIX + json.dumps({"ec_transfer_params": params, "encoded": encoded}), flush=True)
     finally:
         engine.close()
 

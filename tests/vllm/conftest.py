@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ectransfer.testing.vllm import use_cpu_env, write_tiny_model
+from ectransfer.testing.vllm import read_result, use_cpu_env, write_tiny_model
 from tests.faults.targets import TARGETS, Target
 
 use_cpu_env()  # before vLLM is first imported
@@ -74,14 +73,12 @@ class Case:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps({"requests": requests}) + "\n")
         proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        line = proc.stdout.readline() if ready else ""
-        if not line:
+        try:
+            return read_result(proc.stdout, timeout_s)
+        except (TimeoutError, EOFError) as exc:
             proc.kill()
             proc.wait(30)
-            raise AssertionError(f"producer process gave no answer in {timeout_s} s (exit code {proc.returncode})")
-        result: dict[str, Any] = json.loads(line)
-        return result
+            raise AssertionError(f"producer process: {exc} (exit code {proc.returncode})") from None
 
     def close(self) -> None:
         proc = self.producer
