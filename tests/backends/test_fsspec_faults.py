@@ -97,7 +97,7 @@ def test_retries_never_outlast_the_timeout(own_moto: SpawnedServer) -> None:
     be = open_backend(own_moto.url, timeout_s=1.5, retries=10, **own_moto.options)
     own_moto.stop()
     err = _bounded(lambda: be.get("k"), bound_s=1.5)
-    assert "1.5 s" in str(err) or isinstance(err, BackendConnectionError)
+    assert "timed out" in str(err) or isinstance(err, BackendConnectionError), err
     be.close()
 
 

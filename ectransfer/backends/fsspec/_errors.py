@@ -87,7 +87,8 @@ def translate(exc: BaseException, *, op: str, what: str, where: str, bucket: str
     detail = scrub(str(exc) or type(exc).__name__, secrets)
     kind = _kind(chain)
     if kind == "timeout":
-        return TransferTimeoutError(f"fsspec backend: {op} {what} at {where} did not finish within {timeout_s} s")
+        return TransferTimeoutError(f"fsspec backend: {op} {what} at {where} timed out "
+                                    f"(not done within timeout_s={timeout_s} s, retries included)")
     if kind == "connection":
         return BackendConnectionError(f"fsspec backend: cannot reach {where} to {op} {what}: {detail}")
     if kind == "credentials":
