@@ -233,7 +233,8 @@ def test_consumer_killed_before_release_is_freed_by_the_lease() -> None:
     port = free_port()
     producer = start_producer(f"nixl://127.0.0.1:{port}", arena_bytes="16MiB", lease_s=4)
     try:
-        consumer = RemoteBackend.start(f"nixl://127.0.0.1:{port}", timeout_s=60, role="consumer")
+        # The consumer's pins last its timeout_s (2 s) unless a later message returns them.
+        consumer = RemoteBackend.start(f"nixl://127.0.0.1:{port}?timeout_s=2", timeout_s=60, role="consumer")
         producer.put("leased", make_tensor((256, 256), torch.bfloat16))
         assert consumer.get("leased").shape == (256, 256)
         consumer.proc.kill()  # dies without releasing

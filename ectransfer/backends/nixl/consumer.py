@@ -45,6 +45,7 @@ __all__ = ["Consumer"]
 log = logging.getLogger(__name__)
 
 _SERVED_MAX = 65536  # remembered key -> producer pairs, for targeted releases
+_UNPIN_FLUSH = 1024  # queued unpins sent on their own past this many
 
 
 class _Peer:
@@ -55,6 +56,21 @@ class _Peer:
         self.agent_name: str | None = None
         self.down_until = 0.0
         self.lock = threading.Lock()
+        self._unpins: list[list[Any]] = []
+        self._unpins_lock = threading.Lock()
+
+    def add_unpins(self, pins: list[list[Any]]) -> int:
+        with self._unpins_lock:
+            self._unpins += pins
+            return len(self._unpins)
+
+    def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """``message``, carrying the pins this consumer is done with (no message of their own)."""
+        with self._unpins_lock:
+            pins, self._unpins = self._unpins, []
+        if pins:
+            message = {**message, "unpin": pins}
+        return self.client.request(message, timeout_s)
 
 
 class _Want:
@@ -98,19 +114,25 @@ class Consumer:
 
     def _ask(self, peers: list[_Peer], message: dict[str, Any], timeout_s: float,
              ) -> tuple[dict[int, dict[str, Any]], dict[int, ECTransferError]]:
-        """``message`` to every peer in parallel; replies and typed errors by peer index."""
-        futures = {self._pool.submit(p.client.request, message, timeout_s): p for p in peers}
-        done, _ = cf.wait(futures, timeout=timeout_s + 0.5)
+        """``message`` to every peer (in parallel if several); replies and typed errors by peer index."""
         replies: dict[int, dict[str, Any]] = {}
         failures: dict[int, ECTransferError] = {}
-        for fut, peer in futures.items():
-            if fut not in done:
-                failures[peer.index] = TransferTimeoutError(f"nixl producer {peer.client.name} did not answer")
-                continue
+        if len(peers) == 1:  # the common case: no thread hand-off (it costs a GIL switch interval)
             try:
-                replies[peer.index] = fut.result()
+                replies[peers[0].index] = peers[0].request(message, timeout_s)
             except ECTransferError as exc:
-                failures[peer.index] = exc
+                failures[peers[0].index] = exc
+        else:
+            futures = {self._pool.submit(p.request, message, timeout_s): p for p in peers}
+            done, _ = cf.wait(futures, timeout=timeout_s + 0.5)
+            for fut, peer in futures.items():
+                if fut not in done:
+                    failures[peer.index] = TransferTimeoutError(f"nixl producer {peer.client.name} did not answer")
+                    continue
+                try:
+                    replies[peer.index] = fut.result()
+                except ECTransferError as exc:
+                    failures[peer.index] = exc
         now = time.monotonic()
         for i, failure in failures.items():
             if isinstance(failure, (BackendConnectionError, TransferTimeoutError)):
@@ -256,7 +278,7 @@ class Consumer:
 
         def ask(index: int) -> dict[str, Any]:
             message = {"op": "lookup", "keys": [w.skey for w in asks[index]], "pin_s": pin_s}
-            return self._peers[index].client.request(message, left)
+            return self._peers[index].request(message, left)
 
         # One producer (the common case): ask inline; several: in parallel on the pool.
         futures = {i: self._pool.submit(ask, i) for i in asks} if len(asks) > 1 else {}
@@ -279,7 +301,7 @@ class Consumer:
                 else:
                     extra.append([w.skey, loc["v"]])  # also saved at another producer: let it go
             if extra:
-                self._pool.submit(self._unpin_quietly, peer, extra)
+                peer.add_unpins(extra)
 
     def _plan(self, w: _Want) -> None:
         """Parse the header (before any byte moves) and choose the destination tensor."""
@@ -391,17 +413,20 @@ class Consumer:
         return w.dest
 
     def _unpin_later(self, wants: list[_Want]) -> None:
-        by_peer: dict[int, list[list[Any]]] = {}
+        """Queue the pins of ``wants`` to travel with the next message to their producer.
+
+        No message (and no thread hand-off) of their own on the hot path: the release that
+        follows a load carries them; a pin nobody sends back ends after ``timeout_s``.
+        """
         for w in wants:
             if w.peer is not None and "v" in w.loc:
-                by_peer.setdefault(w.peer.index, []).append([w.skey, w.loc["v"]])
-        for index, pins in by_peer.items():
-            self._pool.submit(self._unpin_quietly, self._peers[index], pins)
+                if w.peer.add_unpins([[w.skey, w.loc["v"]]]) > _UNPIN_FLUSH:
+                    self._flush_unpins(w.peer)
 
-    def _unpin_quietly(self, peer: _Peer, pins: list[list[Any]]) -> None:
+    def _flush_unpins(self, peer: _Peer) -> None:
         try:
-            peer.client.request({"op": "unpin", "pins": pins}, self.config.lookup_timeout_s)
-        except ECTransferError as exc:  # the pin ends by itself after pin_s
+            peer.request({"op": "unpin"}, self.config.lookup_timeout_s)
+        except ECTransferError as exc:  # the pins end by themselves after timeout_s
             log.debug("unpin at %s failed: %s", peer.client.name, exc)
 
     # ----------------------------------------------------------------- release / delete
@@ -423,15 +448,12 @@ class Consumer:
                     untargeted.append(k)
                 else:
                     targeted.setdefault(index, []).append(k)
-        calls = [(self._peers[i], keys) for i, keys in targeted.items()]
-        calls += [(p, untargeted) for p in peers if untargeted]
-        futures = [self._pool.submit(p.client.request, {"op": "free", "keys": keys}, self.config.lookup_timeout_s)
-                   for p, keys in calls]
-        done, _ = cf.wait(futures, timeout=self.config.lookup_timeout_s + 0.5)
-        for fut in done:
-            try:
-                fut.result()
-            except ECTransferError as exc:
+        calls: dict[int, list[str]] = {i: list(keys) for i, keys in targeted.items()}
+        for p in peers if untargeted else []:
+            calls.setdefault(p.index, []).extend(untargeted)
+        for index, keys in calls.items():
+            _, failures = self._ask([self._peers[index]], {"op": "free", "keys": keys}, self.config.lookup_timeout_s)
+            for exc in failures.values():
                 log.debug("nixl release failed: %s", exc)
 
     def delete(self, skeys: list[str]) -> None:
@@ -461,6 +483,9 @@ class Consumer:
             }
 
     def close(self) -> None:
+        for p in self._peers:
+            if p.add_unpins([]):
+                self._flush_unpins(p)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for p in self._peers:
             p.client.close()

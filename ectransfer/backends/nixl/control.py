@@ -10,9 +10,13 @@ exists     ``keys``                                        ``found``: one bool p
 lookup     ``keys``, ``pin_s``                             ``agent`` (NIXL agent name), ``items``:
                                                            per key nil or a location (below)
 metadata                                                   ``agent``, ``metadata`` (NIXL bytes)
-unpin      ``pins``: ``[[key, version], ...]``             ``{}``
+unpin      (only the ``unpin`` field below)                ``{}``
 free       ``keys`` (the reader released or deleted them)  ``{}``
 =========  ==============================================  =====================================
+
+Any request may carry ``unpin``: ``[[key, version], ...]``, the pins its consumer is done with;
+they ride on the next message to that producer (usually the release after a load) rather than
+costing a message of their own on the load path.
 
 A location is ``{"v": version, "head": header bytes, "total": entry bytes, "addr": entry
 address, "dev": device id, "mem": "DRAM" | "VRAM"}``: the consumer parses the header before

@@ -256,6 +256,8 @@ class Producer:
     # ----------------------------------------------------------------- control endpoint
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
+        if request.get("unpin"):  # pins a consumer is done with ride on its next request
+            self.unpin([(str(k), int(v)) for k, v in request["unpin"]])
         if op == "exists":
             return {"found": self.exists(_keys(request))}
         if op == "lookup":
@@ -266,7 +268,6 @@ class Producer:
                 raise EntryNotFoundError("this nixl producer has saved nothing yet")
             return {"agent": self._agent.name, "metadata": self._agent.metadata()}
         if op == "unpin":
-            self.unpin([(str(k), int(v)) for k, v in request.get("pins", [])])
             return {}
         if op == "free":
             self.free(_keys(request))
