@@ -36,7 +36,7 @@ import torch
 from ectransfer.backend import Backend, Capabilities
 from ectransfer.backends._layout import ENTRY_FILE, TMP_PREFIX, entry_parts
 from ectransfer.backends.fsspec import _redact
-from ectransfer.backends.fsspec._config import FsspecConfig, config_from_url, make_filesystem
+from ectransfer.backends.fsspec._config import FsspecConfig, accepts, config_from_url, make_filesystem
 from ectransfer.backends.fsspec._errors import translate
 from ectransfer.codec import EncodedEntry, decode, encode, parse_header
 from ectransfer.config import BackendConfig, redact_url
@@ -73,6 +73,9 @@ class FsspecBackend(Backend[FsspecConfig]):
             _redact.forget(self._secrets)
             raise
         self._async = bool(getattr(self._fs, "async_impl", False))
+        # Older s3fs releases lack these keywords (and pass unknown ones on to botocore).
+        self._cat_kwargs = {"max_concurrency": 1} if self._s3 and accepts(self._fs._cat_file, "max_concurrency") else {}
+        self._pipe_concurrency = self._s3 and accepts(self._fs._pipe_file, "max_concurrency")
         self._loop: asyncio.AbstractEventLoop = self._fs.loop if self._async else fsspec.asyn.get_loop()
         try:
             self._run(self._prepare(), "open", "the store")
@@ -199,7 +202,8 @@ class FsspecBackend(Backend[FsspecConfig]):
     def _put_bound(self, nbytes: int) -> float:
         if not self._s3 or nbytes < self.config.multipart_threshold:
             return self.config.timeout_s
-        rounds = math.ceil(math.ceil(nbytes / self.config.part_size) / self.config.max_concurrency)
+        at_once = self.config.max_concurrency if self._pipe_concurrency else 1
+        rounds = math.ceil(math.ceil(nbytes / self.config.part_size) / at_once)
         return self.config.timeout_s * (2 + rounds)  # create + rounds of parts + complete
 
     def _pipe_kwargs(self, nbytes: int) -> dict[str, Any]:
@@ -208,7 +212,9 @@ class FsspecBackend(Backend[FsspecConfig]):
         # s3fs uploads in parts of `chunksize` when the data holds two of them or more.
         below = nbytes < self.config.multipart_threshold
         chunk = max(self.config.part_size, nbytes) if below else self.config.part_size
-        return {"chunksize": chunk, "max_concurrency": self.config.max_concurrency}
+        if self._pipe_concurrency:
+            return {"chunksize": chunk, "max_concurrency": self.config.max_concurrency}
+        return {"chunksize": chunk}
 
     def _encode(self, tensor: torch.Tensor) -> tuple[EncodedEntry, bytes | None]:
         """The entry, and for single writes its bytes (joined here, in the caller's thread,
@@ -262,8 +268,7 @@ class FsspecBackend(Backend[FsspecConfig]):
     # ------------------------------------------------------------------ read
     async def _read(self, skey: str) -> bytes:
         # max_concurrency=1: one GET; s3fs would first HEAD the object to plan ranged reads.
-        kwargs = {"max_concurrency": 1} if self._s3 else {}
-        data: bytes = await self._call("cat_file", self.entry_path(skey), **kwargs)
+        data: bytes = await self._call("cat_file", self.entry_path(skey), **self._cat_kwargs)
         return data
 
     def _decode(self, skey: str, data: bytes, out: torch.Tensor | None) -> torch.Tensor:

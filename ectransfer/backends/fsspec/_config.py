@@ -14,7 +14,7 @@ from ectransfer.config import BackendConfig, redact_url, size
 from ectransfer.config import secret as secret_field
 from ectransfer.errors import BackendUnavailableError, ConfigError
 
-__all__ = ["OBJECT_STORES", "S3_ONLY_OPTIONS", "FsspecConfig", "config_from_url", "make_filesystem"]
+__all__ = ["OBJECT_STORES", "S3_ONLY_OPTIONS", "FsspecConfig", "accepts", "config_from_url", "make_filesystem"]
 
 #: protocols whose single write (PUT, completed multipart) is atomic: written in place.
 #: Every other protocol writes a temporary file and moves it over the entry.
@@ -152,6 +152,14 @@ def _shared_session() -> Any:
 
             _SESSION = aiobotocore.session.AioSession()
         return _SESSION
+
+
+def accepts(method: Any, name: str) -> bool:
+    """True if ``method`` takes the keyword ``name`` (s3fs grew ``max_concurrency`` over releases)."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _only_filesystem_options(cls: Any, opts: Mapping[str, Any]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ectransfer.backends.fsspec._config import config_from_url, make_filesystem
+from ectransfer.backends.fsspec._config import accepts, config_from_url, make_filesystem
 from ectransfer.bench.raw import RawClient
 
 __all__ = ["Raw"]
@@ -25,12 +25,13 @@ class Raw(RawClient):
             raise ValueError(f"the raw s3fs baseline needs an s3:// URL, got protocol {cfg.protocol!r}")
         self.fs = make_filesystem(cfg)  # same endpoint, credentials, timeouts as the backend
         self.root = f"{cfg.root.rstrip('/')}/raw"
+        self._cat_kwargs = {"max_concurrency": 1} if accepts(self.fs._cat_file, "max_concurrency") else {}
 
     def write(self, name: str, data: memoryview) -> None:
         self.fs.pipe_file(f"{self.root}/{name}", bytes(data))
 
     def read_into(self, name: str, out: memoryview) -> None:
-        data = self.fs.cat_file(f"{self.root}/{name}", max_concurrency=1)
+        data = self.fs.cat_file(f"{self.root}/{name}", **self._cat_kwargs)
         if len(data) != len(out):
             raise ValueError(f"raw object {name!r} has {len(data)} bytes, expected {len(out)}")
         out[:] = data
