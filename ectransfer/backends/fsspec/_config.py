@@ -180,7 +180,7 @@ def make_filesystem(cfg: FsspecConfig) -> Any:
             **opts.get("config_kwargs", {}),
             "connect_timeout": cfg.timeout_s,
             "read_timeout": cfg.timeout_s,
-            "retries": {"max_attempts": cfg.retries + 1, "mode": "standard"},
+            "retries": {"total_max_attempts": cfg.retries + 1, "mode": "standard"},
             "max_pool_connections": max(10, 2 * cfg.max_concurrency),
         }
         if cfg.region:
