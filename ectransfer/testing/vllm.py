@@ -277,6 +277,18 @@ def read_result(stream: Any, timeout_s: float) -> dict[str, Any]:
             return result
 
 
+def _corrupt_own_entry(key: str, mutation: str) -> None:
+    """Rewrite an entry this producer serves with one of the conformance kit's mutations (needs
+    a backend with the ``entry_bytes``/``store_entry_bytes`` diagnostics, as NIXL's has)."""
+    from vllm.distributed.ec_transfer import get_ec_transfer
+
+    from ectransfer.testing import MUTATIONS
+
+    backend = get_ec_transfer()._worker.backend  # type: ignore[attr-defined]
+    skey = backend._skey(key)
+    backend.store_entry_bytes(skey, MUTATIONS[mutation](backend.entry_bytes(skey)))
+
+
 def _produce(spec: dict[str, Any]) -> None:
     """Producer process: for each JSON line on stdin (``{"requests": [{"id", "items"}]}``),
     encode the requests, wait for their saves, and print :data:`RESULT_PREFIX` followed by
@@ -287,6 +299,10 @@ def _produce(spec: dict[str, Any]) -> None:
     try:
         for line in sys.stdin:
             command = json.loads(line)
+            if "corrupt" in command:  # fault injection into a peer-to-peer producer's own entries
+                _corrupt_own_entry(command["corrupt"], command["mutation"])
+                print(RESULT_PREFIX + json.dumps({"corrupted": command["corrupt"]}), flush=True)
+                continue
             before = len(engine.encoded)
             for req in command["requests"]:
                 engine.add(make_request(req["id"], req["items"], max_tokens=1))

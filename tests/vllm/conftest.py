@@ -49,12 +49,15 @@ class Case:
     peer_to_peer: bool
     producer: subprocess.Popen[str] | None = None
 
-    def corrupt(self, key: str, mutate: Any) -> None:
-        if self.peer_to_peer:
-            pytest.skip(f"{self.name}: entries live in the producer's arena; corruption of a peer's entry is "
-                        "covered by tests/backends and tests/faults")
+    def corrupt(self, key: str, mutation: str) -> None:
+        """Rewrite the stored entry of ``key`` with the conformance kit's ``mutation``."""
+        if self.peer_to_peer:  # the entry lives in the producer process's arena: it rewrites it
+            self._ask({"corrupt": key, "mutation": mutation}, 60.0)
+            return
         from ectransfer.connector.options import Role, split_options
+        from ectransfer.testing import MUTATIONS
 
+        mutate = MUTATIONS[mutation]
         be = split_options(self.extra)[1].open(Role.CONSUMER)
         try:
             self.target.corrupt(be, key, mutate)
@@ -69,9 +72,12 @@ class Case:
             path.write_text(json.dumps({"model": model, "extra": self.extra}))
             self.producer = subprocess.Popen([sys.executable, "-m", "ectransfer.testing.vllm", "producer", str(path)],
                                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self._ask({"requests": requests}, timeout_s)
+
+    def _ask(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         proc = self.producer
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({"requests": requests}) + "\n")
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(command) + "\n")
         proc.stdin.flush()
         try:
             return read_result(proc.stdout, timeout_s)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ectransfer.testing import MUTATIONS, same_bits
+from ectransfer.testing import same_bits
 from ectransfer.testing.vllm import Engine, embedding_for, make_request, vllm_config
 from tests.vllm.conftest import Case
 
@@ -64,7 +64,7 @@ def test_item_is_fetched_while_no_token_is_scheduled(case: Case, tiny_model: str
 def test_corrupt_item_is_never_served(case: Case, tiny_model: str, media: bool) -> None:
     bad, good = f"img-bad-{media}", f"img-good-{media}"
     produced = case.produce(tiny_model, [{"id": f"p-corrupt-{media}", "items": [bad, good]}])
-    case.corrupt(bad, MUTATIONS["flipped_payload_byte"])
+    case.corrupt(bad, "flipped_payload_byte")
     params = produced["ec_transfer_params"][f"p-corrupt-{media}"]
 
     engine = consumer(tiny_model, case)
