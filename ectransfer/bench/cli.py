@@ -227,6 +227,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             from ectransfer.bench.ceilings import measure_ceilings
 
             ceilings = measure_ceilings(workload)
+        if hasattr(os, "getloadavg"):
+            machine["loadavg"] = list(os.getloadavg())  # how busy the machine was during the run
         config = _config(args, argv, workload, targets, started)
         config["wall_s"] = round(time.perf_counter() - t0, 3)
     rows = [r for m in measured for r in rows_for(m, workload.item_bytes, workload.concurrency)]

@@ -50,7 +50,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             bars = ax.bar(xs, ys, width, label=kind, color=_COLORS.get(kind))
             ax.bar_label(bars, fmt="%.3g" if field == "blocked_ms" else "%.0f", fontsize=7, rotation=90,
                          padding=2)
-        ax.set_xticks(range(len(backends)), backends)
+        ax.set_xticks(range(len(backends)), backends, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         if field == "blocked_ms":
             ax.set_yscale("log")
