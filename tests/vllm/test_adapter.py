@@ -60,8 +60,11 @@ def test_item_is_fetched_while_no_token_is_scheduled(case: Case, tiny_model: str
         engine.close()
 
 
-@pytest.mark.parametrize("media", [True, False], ids=["with-media", "without-media"])
-def test_corrupt_item_is_never_served(case: Case, tiny_model: str, media: bool) -> None:
+@pytest.mark.parametrize("media", [
+    pytest.param(True, id="with-media", marks=pytest.mark.fault("vLLM: corrupt item, request has its media")),
+    pytest.param(False, id="without-media", marks=pytest.mark.fault("vLLM: corrupt item, request has no media")),
+])
+def test_corrupt_item_is_never_served(case: Case, tiny_model: str, media: bool, observe: Any) -> None:
     bad, good = f"img-bad-{media}", f"img-good-{media}"
     produced = case.produce(tiny_model, [{"id": f"p-corrupt-{media}", "items": [bad, good]}])
     case.corrupt(bad, "flipped_payload_byte")
@@ -91,11 +94,14 @@ def test_corrupt_item_is_never_served(case: Case, tiny_model: str, media: bool) 
 
         assert get_ec_transfer()._worker.staged_bytes == 0, "staging leaked"
         assert engine.scheduler.ec_connector._scheduler.tracked_items == 0
+        observe(("re-encoded locally" if media else "its request ended FINISHED_ERROR")
+                + "; other requests served; nothing leaked")
     finally:
         engine.close()
 
 
-def test_announced_item_that_never_arrives_fails_cleanly(case: Case, tiny_model: str) -> None:
+@pytest.mark.fault("vLLM: announced item never arrives")
+def test_announced_item_that_never_arrives_fails_cleanly(case: Case, tiny_model: str, observe: Any) -> None:
     """A proxy forwarded params for an item the store does not have: no hang, no crash."""
     engine = consumer(tiny_model, case, load_timeout_s=2.0)
     try:
@@ -105,6 +111,7 @@ def test_announced_item_that_never_arrives_fails_cleanly(case: Case, tiny_model:
         engine.run(timeout_s=60)
         assert engine.finished["r-ghost"].finish_reason.name == "ERROR"
         assert engine.finished["r-ok"].finish_reason.name == "LENGTH"
+        observe("FINISHED_ERROR after load_timeout_s; other requests served")
     finally:
         engine.close()
 
@@ -133,7 +140,8 @@ def _counters(engine: Engine) -> dict[str, float]:
     return dict(data.get("counters", {}))
 
 
-def test_backend_down_at_start_is_a_clear_error(case: Case, tiny_model: str) -> None:
+@pytest.mark.fault("vLLM: store down at start-up")
+def test_backend_down_at_start_is_a_clear_error(case: Case, tiny_model: str, observe: Any) -> None:
     if not case.target.has_server:
         pytest.skip(f"{case.name} has no server to be down")
     if case.peer_to_peer:
@@ -148,4 +156,5 @@ def test_backend_down_at_start_is_a_clear_error(case: Case, tiny_model: str) -> 
     ensure_ec_transfer_shutdown()
     text = str(info.value)
     assert "not reachable" in text or "connect" in text.lower() or "timed out" in text.lower(), text
+    observe(f"start-up fails: {type(info.value).__name__}")
 
