@@ -1,11 +1,9 @@
 """The consumer: finds keys at one or more producers and pulls them with NIXL READs.
 
-``exists`` asks every producer in parallel, each bounded by ``lookup_timeout_s``; answers are
-reused for ``exists_cache_s``, and a producer that failed to answer is skipped by ``exists``
-for ``peer_backoff_s``, so a scheduler step is never blocked on a slow or dead peer. A fetch
-looks the keys up (pinning the versions it will read), learns the producer's NIXL agent once,
-READs every payload of one producer in **one** transfer, verifies each checksum, then unpins
-in the background. ``landing="direct"`` READs straight into the destination tensors
+``exists``, ``release`` and ``delete`` go to the producers through :mod:`.peers`. A fetch looks
+the keys up (pinning the versions it will read; a key's last producer is asked first), learns
+the producer's NIXL agent once, READs every payload of one producer in **one** transfer and
+verifies each checksum; the pins go back with the next message to that producer. ``landing="direct"`` READs straight into the destination tensors
 (registered for the call: microseconds for host memory); ``landing="buffer"`` READs into a
 receive buffer registered once and copies out, so a destination is never touched by bytes
 that fail their checksum.
@@ -14,10 +12,8 @@ that fail their checksum.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +23,10 @@ import torch
 from ectransfer.backends.nixl.agent import Agent, Region
 from ectransfer.backends.nixl.arena import Arena, Slot
 from ectransfer.backends.nixl.config import NixlConfig
-from ectransfer.backends.nixl.control import ControlClient
+from ectransfer.backends.nixl.peers import Peer, PeerSet
 from ectransfer.backends.nixl.producer import Producer
 from ectransfer.codec import EntryHeader, check_destination, parse_header, payload_view, verify_payload
 from ectransfer.errors import (
-    BackendConnectionError,
     CapacityError,
     CorruptEntryError,
     ECTransferError,
@@ -42,36 +37,6 @@ from ectransfer.errors import (
 
 __all__ = ["Consumer"]
 
-log = logging.getLogger(__name__)
-
-_SERVED_MAX = 65536  # remembered key -> producer pairs, for targeted releases
-_UNPIN_FLUSH = 1024  # queued unpins sent on their own past this many
-
-
-class _Peer:
-    def __init__(self, index: int, host: str, port: int) -> None:
-        self.index = index
-        self.address = (host, port)
-        self.client = ControlClient(host, port)
-        self.agent_name: str | None = None
-        self.down_until = 0.0
-        self.lock = threading.Lock()
-        self._unpins: list[list[Any]] = []
-        self._unpins_lock = threading.Lock()
-
-    def add_unpins(self, pins: list[list[Any]]) -> int:
-        with self._unpins_lock:
-            self._unpins += pins
-            return len(self._unpins)
-
-    def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """``message``, carrying the pins this consumer is done with (no message of their own)."""
-        with self._unpins_lock:
-            pins, self._unpins = self._unpins, []
-        if pins:
-            message = {**message, "unpin": pins}
-        return self.client.request(message, timeout_s)
-
 
 class _Want:
     """One key of a fetch: where it is, how it lands."""
@@ -80,7 +45,7 @@ class _Want:
 
     def __init__(self, skey: str, out: torch.Tensor | None) -> None:
         self.skey, self.out = skey, out
-        self.peer: _Peer | None = None
+        self.peer: Peer | None = None
         self.loc: dict[str, Any] = {}
         self.header: EntryHeader | None = None
         self.dest: torch.Tensor | None = None
@@ -95,100 +60,20 @@ class Consumer:
         self._namespace = namespace
         self._agent_factory = agent
         self._local = local
-        addresses = config.peer_addresses if remote else ()
-        self._peers = [_Peer(i, h, p) for i, (h, p) in enumerate(addresses)]
-        self._pool = cf.ThreadPoolExecutor(max_workers=4 * len(self._peers) + 4, thread_name_prefix="nixl-consumer")
-        self._cache: dict[str, tuple[bool, float]] = {}
-        self._served: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
+        self._peers = PeerSet(config, config.peer_addresses if remote else (), local)
         self._recv: Arena | None = None
         self._recv_cond = threading.Condition()
-        self.exists_requests = 0
 
-    # ----------------------------------------------------------------- peers
-    def _remote_peers(self) -> list[_Peer]:
-        local = self._local()
-        if local is None:
-            return self._peers
-        return [p for p in self._peers if p.address != local.server.address]
-
-    def _ask(self, peers: list[_Peer], message: dict[str, Any], timeout_s: float,
-             ) -> tuple[dict[int, dict[str, Any]], dict[int, ECTransferError]]:
-        """``message`` to every peer (in parallel if several); replies and typed errors by peer index."""
-        replies: dict[int, dict[str, Any]] = {}
-        failures: dict[int, ECTransferError] = {}
-        if len(peers) == 1:  # the common case: no thread hand-off (it costs a GIL switch interval)
-            try:
-                replies[peers[0].index] = peers[0].request(message, timeout_s)
-            except ECTransferError as exc:
-                failures[peers[0].index] = exc
-        else:
-            futures = {self._pool.submit(p.request, message, timeout_s): p for p in peers}
-            done, _ = cf.wait(futures, timeout=timeout_s + 0.5)
-            for fut, peer in futures.items():
-                if fut not in done:
-                    failures[peer.index] = TransferTimeoutError(f"nixl producer {peer.client.name} did not answer")
-                    continue
-                try:
-                    replies[peer.index] = fut.result()
-                except ECTransferError as exc:
-                    failures[peer.index] = exc
-        now = time.monotonic()
-        for i, failure in failures.items():
-            if isinstance(failure, (BackendConnectionError, TransferTimeoutError)):
-                self._peers[i].down_until = now + self.config.peer_backoff_s
-        for i in replies:
-            self._peers[i].down_until = 0.0
-        return replies, failures
-
-    # ----------------------------------------------------------------- exists
+    # ----------------------------------------------------------------- queries
     def exists(self, skeys: list[str]) -> list[bool]:
-        now = time.monotonic()
-        local = self._local()
-        found = local.exists(skeys) if local is not None else [False] * len(skeys)
-        ask: list[int] = []
-        with self._lock:
-            for i, k in enumerate(skeys):
-                if found[i]:
-                    continue
-                cached = self._cache.get(k)
-                if cached is not None and cached[1] > now:
-                    found[i] = cached[0]
-                else:
-                    ask.append(i)
-        peers = self._remote_peers()
-        if not ask or not peers:
-            return found
-        live = [p for p in peers if p.down_until <= now]
-        if not live:
-            if local is not None:
-                return found
-            raise BackendConnectionError(
-                f"no nixl producer reachable ({', '.join(p.client.name for p in peers)} failed within "
-                f"the last peer_backoff_s={self.config.peer_backoff_s:g} s)")
-        self.exists_requests += 1
-        keys = [skeys[i] for i in ask]
-        replies, failures = self._ask(live, {"op": "exists", "keys": keys}, self.config.lookup_timeout_s)
-        if not replies and local is None:
-            first = next(iter(failures.values()))
-            raise type(first)(f"no nixl producer answered exists: {first}")
-        for reply in replies.values():
-            for j, hit in enumerate(reply.get("found", [])[: len(keys)]):
-                if hit:
-                    found[ask[j]] = True
-        if self.config.exists_cache_s > 0:
-            until = time.monotonic() + self.config.exists_cache_s
-            with self._lock:
-                if len(self._cache) > _SERVED_MAX:
-                    self._cache.clear()
-                for i in ask:
-                    self._cache[skeys[i]] = (found[i], until)
-        return found
+        return self._peers.exists(skeys)
 
-    def _forget(self, skeys: list[str]) -> None:
-        with self._lock:
-            for k in skeys:
-                self._cache.pop(k, None)
+    def release(self, skeys: list[str]) -> None:
+        """Best effort: tell the producers these entries may be freed (a lease frees them anyway)."""
+        self._peers.release(skeys)
+
+    def delete(self, skeys: list[str]) -> None:
+        self._peers.delete(skeys)
 
     # ----------------------------------------------------------------- fetch
     def fetch(self, skeys: list[str], outs: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -213,7 +98,7 @@ class Consumer:
                     assert peer is not None
                     by_peer.setdefault(peer.index, []).append(wants[i])
                 for index, group in by_peer.items():
-                    self._pull(self._peers[index], group, deadline)
+                    self._pull(self._peers.all[index], group, deadline)
                 for i in remote:
                     results[i] = self._finish(wants[i])
             finally:
@@ -238,15 +123,14 @@ class Consumer:
 
     def _locate(self, wants: list[_Want], deadline: float) -> None:
         """Look every key up (its hinted producer first, then all others), pinning what is found."""
-        peers = self._remote_peers()
+        peers = self._peers.remote()
         failures: dict[int, ECTransferError] = {}
-        with self._lock:
-            hints = {w.skey: self._served.get(w.skey) for w in wants}
+        hints = self._peers.hints([w.skey for w in wants])
         active = {p.index for p in peers}
         first: dict[int, list[_Want]] = {}
         for w in wants:
             hint = hints[w.skey]
-            for p in ([self._peers[hint]] if hint in active else peers):
+            for p in ([self._peers.all[hint]] if hint is not None and hint in active else peers):
                 first.setdefault(p.index, []).append(w)
         self._lookup(first, deadline, failures)
         second: dict[int, list[_Want]] = {}
@@ -278,12 +162,12 @@ class Consumer:
 
         def ask(index: int) -> dict[str, Any]:
             message = {"op": "lookup", "keys": [w.skey for w in asks[index]], "pin_s": pin_s}
-            return self._peers[index].request(message, left)
+            return self._peers.all[index].request(message, left)
 
         # One producer (the common case): ask inline; several: in parallel on the pool.
-        futures = {i: self._pool.submit(ask, i) for i in asks} if len(asks) > 1 else {}
+        futures = {i: self._peers.pool.submit(ask, i) for i in asks} if len(asks) > 1 else {}
         for index in asks:
-            peer = self._peers[index]
+            peer = self._peers.all[index]
             try:
                 reply = futures[index].result(timeout=left + 0.5) if futures else ask(index)
             except ECTransferError as exc:
@@ -301,7 +185,7 @@ class Consumer:
                 else:
                     extra.append([w.skey, loc["v"]])  # also saved at another producer: let it go
             if extra:
-                peer.add_unpins(extra)
+                self._peers.unpin_later(peer, extra)
 
     def _plan(self, w: _Want) -> None:
         """Parse the header (before any byte moves) and choose the destination tensor."""
@@ -324,7 +208,7 @@ class Consumer:
                 w.mismatch = True
         w.dest = torch.empty(header.shape, dtype=header.dtype)
 
-    def _ensure_known(self, peer: _Peer, agent_name: str, deadline: float) -> None:
+    def _ensure_known(self, peer: Peer, agent_name: str, deadline: float) -> None:
         agent = self._agent_factory()
         with peer.lock:
             if agent_name == peer.agent_name and agent.knows(agent_name):
@@ -332,7 +216,7 @@ class Consumer:
             reply = peer.client.request({"op": "metadata"}, max(deadline - time.monotonic(), 1e-3))
             peer.agent_name = agent.add_remote(reply["metadata"], replaces=peer.agent_name)
 
-    def _pull(self, peer: _Peer, group: list[_Want], deadline: float) -> None:
+    def _pull(self, peer: Peer, group: list[_Want], deadline: float) -> None:
         for w in group:
             self._plan(w)
         moving = [w for w in group if w.header is not None and w.header.nbytes]
@@ -364,7 +248,7 @@ class Consumer:
                 self._recv = Arena(self._agent_factory(), self.config.recv_buffer_bytes)
             return self._recv
 
-    def _pull_buffered(self, agent: Agent, peer: _Peer, moving: list[_Want], remote: list[Region],
+    def _pull_buffered(self, agent: Agent, peer: Peer, moving: list[_Want], remote: list[Region],
                        remote_mem: str, deadline: float) -> None:
         arena = self._recv_arena()
         try:
@@ -405,89 +289,31 @@ class Consumer:
             assert w.out is not None
             check_destination(w.header, w.out, key=w.skey)  # raises IncompatibleTensorError
         if w.peer is not None:
-            with self._lock:
-                self._served[w.skey] = w.peer.index
-                self._served.move_to_end(w.skey)
-                while len(self._served) > _SERVED_MAX:
-                    self._served.popitem(last=False)
+            self._peers.served(w.skey, w.peer.index)
         return w.dest
 
     def _unpin_later(self, wants: list[_Want]) -> None:
         """Queue the pins of ``wants`` to travel with the next message to their producer.
 
-        No message (and no thread hand-off) of their own on the hot path: the release that
+        No message (and no thread hand-off) of their own on the load path: the release that
         follows a load carries them; a pin nobody sends back ends after ``timeout_s``.
         """
         for w in wants:
             if w.peer is not None and "v" in w.loc:
-                if w.peer.add_unpins([[w.skey, w.loc["v"]]]) > _UNPIN_FLUSH:
-                    self._flush_unpins(w.peer)
-
-    def _flush_unpins(self, peer: _Peer) -> None:
-        try:
-            peer.request({"op": "unpin"}, self.config.lookup_timeout_s)
-        except ECTransferError as exc:  # the pins end by themselves after timeout_s
-            log.debug("unpin at %s failed: %s", peer.client.name, exc)
-
-    # ----------------------------------------------------------------- release / delete
-    def release(self, skeys: list[str]) -> None:
-        """Best effort: tell the producers these entries may be freed (a lease frees them anyway)."""
-        self._forget(skeys)
-        local = self._local()
-        if local is not None:
-            local.free(skeys)
-        peers = self._remote_peers()
-        if not peers:
-            return
-        targeted: dict[int, list[str]] = {}
-        untargeted: list[str] = []
-        with self._lock:
-            for k in skeys:
-                index = self._served.pop(k, None)
-                if index is None:
-                    untargeted.append(k)
-                else:
-                    targeted.setdefault(index, []).append(k)
-        calls: dict[int, list[str]] = {i: list(keys) for i, keys in targeted.items()}
-        for p in peers if untargeted else []:
-            calls.setdefault(p.index, []).extend(untargeted)
-        for index, keys in calls.items():
-            _, failures = self._ask([self._peers[index]], {"op": "free", "keys": keys}, self.config.lookup_timeout_s)
-            for exc in failures.values():
-                log.debug("nixl release failed: %s", exc)
-
-    def delete(self, skeys: list[str]) -> None:
-        self._forget(skeys)
-        local = self._local()
-        if local is not None:
-            local.free(skeys)
-        peers = self._remote_peers()
-        if not peers:
-            return
-        with self._lock:
-            for k in skeys:
-                self._served.pop(k, None)
-        replies, failures = self._ask(peers, {"op": "free", "keys": skeys}, self.config.timeout_s)
-        if not replies and local is None:
-            raise next(iter(failures.values()))
+                self._peers.unpin_later(w.peer, [[w.skey, w.loc["v"]]])
 
     # ----------------------------------------------------------------- lifecycle
     def stats(self) -> dict[str, Any]:
         with self._recv_cond:
             recv = self._recv
             return {
-                "peers": [p.client.name for p in self._peers],
-                "exists_requests": self.exists_requests,
+                "peers": [p.client.name for p in self._peers.all],
+                "exists_requests": self._peers.exists_requests,
                 "recv_buffer_bytes": recv.capacity if recv else 0,
                 "recv_used_bytes": recv.allocator.used if recv else 0,
             }
 
     def close(self) -> None:
-        for p in self._peers:
-            if p.add_unpins([]):
-                self._flush_unpins(p)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for p in self._peers:
-            p.client.close()
+        self._peers.close()
         if self._recv is not None:
             self._recv.close()
