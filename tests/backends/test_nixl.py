@@ -251,17 +251,17 @@ def test_consumer_killed_before_release_is_freed_by_the_lease() -> None:
 
 def test_arena_full_waits_then_fails_clearly() -> None:
     port = free_port()
-    with open_backend(f"nixl://127.0.0.1:{port}", role="both", arena_bytes="1MiB", put_wait_s=0.5) as be:
+    with open_backend(f"nixl://127.0.0.1:{port}", role="both", arena_bytes="1MiB", put_wait_s=3) as be:
         chunk = torch.zeros(300_000, dtype=torch.uint8)
         for i in range(3):
             be.put(f"c{i}", chunk)
-        with pytest.raises(CapacityError, match="arena is full.*put_wait_s=0.5"):
+        with pytest.raises(CapacityError, match="arena is full.*put_wait_s=3"):
             be.put("c3", chunk)
         with pytest.raises(CapacityError, match="larger than the whole nixl arena"):
             be.put("huge", torch.zeros(2 << 20, dtype=torch.uint8))
         # A put waiting for space goes through once a consumer releases an entry.
         with open_backend(f"nixl://127.0.0.1:{port}", role="consumer") as consumer:
-            t = threading.Timer(0.1, lambda: consumer.release(["c0"]))
+            t = threading.Timer(0.2, lambda: consumer.release(["c0"]))
             t.start()
             be.put("c3", chunk)  # waits for c0's release
             t.join()
