@@ -216,3 +216,15 @@ def test_storage_options_are_not_shown(tmp_path: Path) -> None:
 def test_filesystem_refusing_an_option_is_a_config_error(moto: SpawnedServer) -> None:
     with pytest.raises(ConfigError, match="storage_options"):
         open_backend(moto.url, storage_options={"no_such_option": 1}, **moto.options)
+
+
+def test_no_credentials_anywhere_is_a_config_error(moto: SpawnedServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without key/secret the AWS chain applies; here it is empty (no env, files or metadata)."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="credentials"):
+        open_backend(moto.url, endpoint_url=moto.options["endpoint_url"], timeout_s=TIMEOUT_S)
