@@ -46,13 +46,14 @@ class Agent:
     def __init__(self, role: str, plugin: str) -> None:
         api = import_nixl()
         self.name = f"ectransfer-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The backend's primitives run on a thread pool: NIXL's reader-writer mode keeps the
+        # data path concurrent and serialises metadata changes (STRICT measured slower). NIXL
+        # releases before the mode existed only had one mode, used as it comes.
+        sync = getattr(api, "nixl_thread_sync_t", None)
+        extra = {"sync_mode": sync.NIXL_THREAD_SYNC_RW} if sync is not None else {}
         try:
-            config = api.nixl_agent_config(
-                enable_prog_thread=True, enable_listen_thread=False, backends=[plugin],
-                # The backend's primitives run on a thread pool: NIXL's reader-writer mode keeps
-                # the data path concurrent and serialises metadata changes (STRICT was slower).
-                sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW,
-            )
+            config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=[plugin],
+                                           **extra)
             self._agent = api.nixl_agent(self.name, config)
         except Exception as exc:
             raise BackendUnavailableError(f"cannot create a NIXL agent with plugin {plugin!r}: {exc}") from exc
