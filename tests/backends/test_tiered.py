@@ -200,9 +200,10 @@ def test_url_json_option_string_and_vllm_extra_config_open_the_same_stack(tmp_pa
 
 
 def test_tiers_inherit_namespace_and_timeout_unless_they_set_a_timeout(tmp_path: Path) -> None:
-    with stack("memory://", {"url": f"file://{tmp_path}", "timeout_s": 7}, namespace="m1", timeout_s=3) as be:
-        assert [t.namespace for t in be.tiers] == ["m1", "m1"]
-        assert [t.config.timeout_s for t in be.tiers] == [3, 7]
+    with stack("memory://", {"url": f"file://{tmp_path}", "timeout_s": 7}, f"file://{tmp_path}/b?timeout_s=5",
+               namespace="m1", timeout_s=3) as be:
+        assert [t.namespace for t in be.tiers] == ["m1", "m1", "m1"]
+        assert [t.config.timeout_s for t in be.tiers] == [3, 7, 5], "a tier's own timeout_s (option or query) wins"
         be.put("k", torch.ones(3))
     assert (tmp_path / "m1" / "k" / "encoder_cache.safetensors").is_file(), "the fs tier keeps the fs layout"
 

@@ -38,8 +38,8 @@ class TierSpec:
 
     index: int
     backend: str
-    url: str | None  # as given: may carry a password, never shown (see :meth:`shown`)
-    options: Mapping[str, Any]  # the backend's options, namespace and timeout_s included
+    url: str | None  # without its query; may carry a password, never shown (see :meth:`shown`)
+    options: Mapping[str, Any]  # the backend's options (the URL's query too), namespace and timeout_s included
     write: str
     promote: bool
     config: BackendConfig  # the tier backend's typed config, built to validate the options
@@ -134,6 +134,9 @@ def _parse_one(index: int, raw: Any, *, namespace: str, timeout_s: float) -> Tie
         promote = promote.lower() in ("true", "1", "yes")
     if not isinstance(promote, bool):
         raise ConfigError(f"{where}: 'promote' must be true or false, got {promote!r}")
+    if url is not None and "://" in url:  # the URL's query options, as open_backend reads them
+        url, query = split_query(url)
+        entry = {**query, **entry}
     if entry.get("namespace") not in (None, namespace):
         raise ConfigError(f"{where}: 'namespace' belongs to the whole stack: set it on the tiered backend")
     entry["namespace"] = namespace
@@ -151,11 +154,7 @@ def _parse_one(index: int, raw: Any, *, namespace: str, timeout_s: float) -> Tie
         if cls.capabilities.peer_to_peer:
             raise ConfigError(f"backend {name!r} is peer-to-peer (entries are freed once read), which a caching "
                               "stack contradicts; use it on its own")
-        query: dict[str, str] = {}
-        base = url
-        if url is not None and "://" in url:
-            base, query = split_query(url)
-        config = cls.config_from_url(base, {**query, **entry})
+        config = cls.config_from_url(url, entry)
     except ECTransferError as exc:
         raise relabel(exc, f"{where} ({name or '?'}{' ' + shown if shown else ''})") from None
     return TierSpec(index, name, url, entry, write, promote, config)
