@@ -158,12 +158,14 @@ def test_bucket_deleted_while_open(moto: SpawnedServer) -> None:
 def auth_moto(tmp_path: Path) -> Iterator[SpawnedServer]:
     """moto checking credentials against its (empty) IAM: every access key is unknown."""
     server = spawn(tmp_path)  # the bucket is made while moto still accepts anything
-    req = urllib.request.Request(f"{server.options['endpoint_url']}/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "text/plain"})  # a form body would reach moto empty
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-    yield server
-    server.stop()
+    try:
+        req = urllib.request.Request(f"{server.options['endpoint_url']}/moto-api/reset-auth", data=b"0",
+                                     method="POST", headers={"Content-Type": "text/plain"})  # not a form body
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        yield server
+    finally:
+        server.stop()
 
 
 def _no_secret_anywhere(err: BaseException, text_parts: list[str], creds: list[str]) -> None:

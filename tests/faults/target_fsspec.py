@@ -41,7 +41,11 @@ class S3Target(Target):
 
     def _boot(self, port: int | None) -> None:
         self.proc, self.port = self._start(self.workdir, port)
-        self._create_bucket(self._endpoint(self.port), BUCKET, **self._creds)
+        try:
+            self._create_bucket(self._endpoint(self.port), BUCKET, **self._creds)
+        except BaseException:
+            self.proc.stop()  # the fixture cannot close a target that failed to build
+            raise
 
     @staticmethod
     def _endpoint(port: int) -> str:
