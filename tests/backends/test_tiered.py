@@ -415,6 +415,10 @@ def test_write_back_queue_full_fails_the_put_before_anything_is_written(own_redi
         assert be.tiers[0].exists(["second"]) == [False], "a put that was not acknowledged wrote nothing"
         with pytest.raises(CapacityError, match="write_back_max_bytes"):
             be.put("huge", torch.zeros(200_000, dtype=torch.uint8))
+        with pytest.raises(TransferTimeoutError):  # a batch over the bound goes item by item
+            be.put_many({"third": torch.zeros(30_000, dtype=torch.uint8),
+                         "fourth": torch.zeros(90_000, dtype=torch.uint8)})
+        assert be.exists(["third"]) == [True] and be.tiers[0].exists(["fourth"]) == [False]
         servers = _redis_servers()
         servers.restart(own_redis)
         be.flush(30)

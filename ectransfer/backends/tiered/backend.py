@@ -268,7 +268,13 @@ class TieredBackend(Backend[TieredConfig]):
         self._write({skey: tensor})
 
     def _put_many(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        self._write(dict(items))  # the last tensor of a repeated key wins, as with put in a loop
+        batch = dict(items)  # the last tensor of a repeated key wins, as with put in a loop
+        wb_max = self.config.write_back_max_bytes
+        if self._write_back is not None and sum(_nbytes(t) for t in batch.values()) > wb_max:
+            for skey, t in batch.items():  # each item fits the write-back queue, the batch would not
+                self._write({skey: t})
+            return
+        self._write(batch)
 
     def _write(self, items: dict[str, torch.Tensor]) -> None:
         wb = self._write_back
