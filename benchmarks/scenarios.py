@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import shutil
 import statistics
@@ -132,15 +133,20 @@ def main() -> int:
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: all")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default="", help="inserted in the file names: <date>-<tag>-<scenario>.json")
     args = p.parse_args()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    stem = f"{date}-{args.tag}" if args.tag else date
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    if not can_plot:
+        print("matplotlib is not installed: no plots (pip install 'ectransfer[bench]')")
     for name in args.scenario or list(SCENARIOS):
         description, variants, plotted = SCENARIOS[name]
         doc: dict[str, Any] = {"scenario": name, "date": date, "description": description, "variants": {}}
         for variant, bench_args in variants.items():
-            plot = args.out / f"{date}-{name}.png" if variant == plotted else None
+            plot = args.out / f"{stem}-{name}.png" if variant == plotted and can_plot else None
             doc["variants"][variant] = run_variant(bench_args, args.repeat, plot)
-        path = args.out / f"{date}-{name}.json"
+        path = args.out / f"{stem}-{name}.json"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
