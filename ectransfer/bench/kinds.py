@@ -94,6 +94,7 @@ class RawSubject(Subject):
 
     With ``--device cuda`` the bytes cross through a reused pinned host buffer inside the timed
     part, as they must for any host-side client: the comparison with ectransfer stays fair.
+    The client belongs to whoever built it (:class:`~ectransfer.bench.targets.Targets` closes it).
     """
 
     kind = "raw"

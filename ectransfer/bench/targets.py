@@ -195,8 +195,8 @@ class Targets(contextlib.ExitStack):
             server = self._spawn(name)
             url, options, where = server.url, dict(server.options), "--spawn (local server on loopback)"
         else:
-            raise TargetError(f"backend {name!r} needs a server: pass --url {name}=URL, "
-                              "or --spawn to start one on loopback")
+            raise TargetError(f"backend {name!r} has no default location: pass --url {name}=URL, "
+                              "or --spawn to start a local server on loopback")
         shown = redact_url(url)
         try:
             writer = self.enter_context(open_backend(url, backend=name, **_with_role(cls, options, "producer")))
