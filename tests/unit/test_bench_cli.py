@@ -218,6 +218,36 @@ def test_vllm_example_rows(tmp_path: Path) -> None:
     assert "fs: save blocks the caller" in proc.stdout and "fs: round trip" in proc.stdout
 
 
+# ------------------------------------------------------------------ fs data path tuned for the bench targets
+@pytest.mark.parametrize(("shape", "aligned"), [((1296, 64), True), ((4, 4), False)])
+def test_fs_payload_page_alignment(tmp_path: Path, shape: tuple[int, int], aligned: bool) -> None:
+    """Payloads of 64 KiB or more start on a page boundary; the file stays plain safetensors."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ectransfer import open_backend
+    from ectransfer.backends.fs import ENTRY_FILE
+    from ectransfer.bench.workload import same_bits
+    from ectransfer.codec import encode
+
+    t = torch.randint(0, 256, (shape[0] * shape[1] * 2,), dtype=torch.uint8).view(torch.bfloat16).reshape(shape)
+    with open_backend(str(tmp_path)) as be:
+        be.put("mmhash-a", t)
+        out = torch.zeros_like(t)
+        be.get_into("mmhash-a", out)
+    assert same_bits(out, t)
+    blob = (tmp_path / "mmhash-a" / ENTRY_FILE).read_bytes()
+    payload_offset = 8 + struct.unpack_from("<Q", blob)[0]
+    assert len(blob) == payload_offset + t.numel() * 2
+    if aligned:
+        assert payload_offset % 4096 == 0
+    else:
+        assert payload_offset == len(encode(t).header)  # small entries are not padded
+    assert same_bits(load_file(str(tmp_path / "mmhash-a" / ENTRY_FILE))["ec_cache"], t)
+
+
 # ------------------------------------------------------------------ progress bar
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
