@@ -57,8 +57,18 @@ def secret(default: str | None = None) -> Any:
     return dataclasses.field(default=default, repr=False, metadata={"kind": "secret"})
 
 
+_NESTED_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s\"'?#]*):[^@/\s\"'?#]*@")
+
+
+_MASK_NESTED = r"\1:***@"
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password (and query values named like secrets) replaced by ``***``."""
+    """``url`` with any password (and query values named like secrets) replaced by ``***``.
+
+    Query values are scrubbed too: a URL inside one (a tiered stack's JSON ``tiers``, say)
+    loses its ``user:password@`` password.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -69,10 +79,15 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
     query = "&".join(
-        f"{k}=***" if re.search(r"pass|secret|token|key|signature|credential", k, re.I) else f"{k}={v}"
+        f"{k}=***" if re.search(r"pass|secret|token|key|signature|credential", k, re.I)
+        else f"{k}={_NESTED_USERINFO.sub(_MASK_NESTED, v)}"
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    out = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    head = f"{parts.scheme}://"
+    if url.lower().startswith(head) and not out.startswith(head):  # urlunsplit drops "//" before an empty authority
+        out = head + out[len(parts.scheme) + 1:]
+    return out
 
 
 def split_query(url: str) -> tuple[str, dict[str, str]]:

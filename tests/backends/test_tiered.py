@@ -35,9 +35,6 @@ from ectransfer.backends.memory import MemoryBackend
 from ectransfer.backends.tiered import TieredBackend, TieredConfig
 from ectransfer.testing import MUTATIONS, BackendTests, make_tensor, same_bits
 from ectransfer.testing.servers import SpawnedServer
-from tests.faults import targets  # noqa: F401 - first: loading it loads every target module, which import it
-
-# isort: split
 from tests.faults.target_tiered import corrupt_tiers, tiered_url
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faults.targets import TARGETS, Target
+from tests.faults.targets import Target, all_targets
 
 
-@pytest.fixture(params=sorted(TARGETS))
+@pytest.fixture(params=sorted(all_targets()))
 def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    t = TARGETS[request.param](tmp_path_factory.mktemp(f"fault-{request.param}"))
+    t = all_targets()[request.param](tmp_path_factory.mktemp(f"fault-{request.param}"))
     try:
         yield t
     finally:

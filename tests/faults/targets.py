@@ -100,19 +100,21 @@ class MemoryTarget(Target):
             backend._store.entries[skey] = mutate(backend._store.entries[skey])
 
 
-def _collect() -> dict[str, Callable[[Path], Target]]:
-    """fs and memory, plus ``TARGETS`` of every ``tests/faults/target_<backend>.py`` module.
+_ALL: dict[str, Callable[[Path], Target]] = {}
+
+
+def all_targets() -> dict[str, Callable[[Path], Target]]:
+    """name -> factory: fs and memory, plus ``TARGETS`` of every ``tests/faults/target_<backend>.py``.
 
     One module per network backend keeps each backend's server handling next to nothing else;
     a module whose backend is not installed here defines its targets anyway and lets
-    ``Target.__init__`` skip with the reason.
+    ``Target.__init__`` skip with the reason. Collected on first call (not at import, so a
+    target module can be imported on its own).
     """
-    found: dict[str, Callable[[Path], Target]] = {"fs": FsTarget, "memory": MemoryTarget}
-    for path in sorted(Path(__file__).parent.glob("target_*.py")):
-        module = importlib.import_module(f"{__package__}.{path.stem}")
-        found.update(module.TARGETS)
-    return found
-
-
-#: name -> factory
-TARGETS: dict[str, Callable[[Path], Target]] = _collect()
+    if not _ALL:
+        found: dict[str, Callable[[Path], Target]] = {"fs": FsTarget, "memory": MemoryTarget}
+        for path in sorted(Path(__file__).parent.glob("target_*.py")):
+            module = importlib.import_module(f"{__package__}.{path.stem}")
+            found.update(module.TARGETS)
+        _ALL.update(found)
+    return _ALL

@@ -70,3 +70,17 @@ def test_redact_url() -> None:
     assert redact_url("redis://user:hunter2@host:6379/0") == "redis://user:***@host:6379/0"
     assert "hunter2" not in redact_url("s3://b/p?secret_access_key=hunter2&region=x")
     assert redact_url("file:///mnt/ec") == "file:///mnt/ec"
+
+
+@pytest.mark.parametrize("url, secret", [
+    ('tiered://?tiers=[{"url":"redis://u:PASSWORD1@h:1/0"}]', "PASSWORD1"),
+    ("redis://alice:PASSWORD2@host:6379/0", "PASSWORD2"),
+    ("s3://b/p?secret=PASSWORD3&endpoint_url=http://x:9000", "PASSWORD3"),
+    ("tiered://?tiers=rediss://:PASSWORD4@x/0", "PASSWORD4"),
+])
+def test_redact_url_masks_nested_passwords(url: str, secret: str) -> None:
+    from ectransfer.config import redact_url
+
+    out = redact_url(url)
+    assert secret not in out and "***" in out
+    assert out.split("://")[0] == url.split("://")[0] and "://" in out

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ectransfer.testing.vllm import read_result, use_cpu_env, write_tiny_model
-from tests.faults.targets import TARGETS, Target
+from tests.faults.targets import Target, all_targets
 
 use_cpu_env()  # before vLLM is first imported
 try:
@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"vLLM is not installed ({exc}); scripts/install-vllm.sh installs it", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[2]
-ADAPTER_BACKENDS = sorted(n for n in TARGETS if n != "memory")  # memory is in-process only
+ADAPTER_BACKENDS = sorted(n for n in all_targets() if n != "memory")  # memory is in-process only
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +103,7 @@ class Case:
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
     from ectransfer.registry import backend_class, backend_for_url
 
-    target = TARGETS[request.param](tmp_path_factory.mktemp(f"vllm-{request.param}"))
+    target = all_targets()[request.param](tmp_path_factory.mktemp(f"vllm-{request.param}"))
     url = target.url()
     p2p = backend_class(backend_for_url(url)).capabilities.peer_to_peer
     if p2p:
