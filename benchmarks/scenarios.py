@@ -134,6 +134,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--tag", default="", help="inserted in the file names: <date>-<tag>-<scenario>.json")
+    p.add_argument("--variant", action="append",
+                   help="run only these variants; the others already in the result file are kept")
     args = p.parse_args()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     stem = f"{date}-{args.tag}" if args.tag else date
@@ -142,11 +144,15 @@ def main() -> int:
         print("matplotlib is not installed: no plots (pip install 'ectransfer[bench]')")
     for name in args.scenario or list(SCENARIOS):
         description, variants, plotted = SCENARIOS[name]
+        path = args.out / f"{stem}-{name}.json"
         doc: dict[str, Any] = {"scenario": name, "date": date, "description": description, "variants": {}}
+        if args.variant and path.exists():
+            doc["variants"] = json.loads(path.read_text())["variants"]
         for variant, bench_args in variants.items():
+            if args.variant and variant not in args.variant:
+                continue
             plot = args.out / f"{stem}-{name}.png" if variant == plotted and can_plot else None
             doc["variants"][variant] = run_variant(bench_args, args.repeat, plot)
-        path = args.out / f"{stem}-{name}.json"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
