@@ -78,6 +78,10 @@ class Consumer:
     # ----------------------------------------------------------------- fetch
     def fetch(self, skeys: list[str], outs: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """The entries of ``skeys``, landed in ``outs[i]`` where given (else new CPU tensors)."""
+        if self._peers.remote():
+            # Creating the agent (the first time) takes seconds: before the clock and the pins
+            # start, so it neither eats this fetch's timeout_s nor outlasts a pin.
+            self._agent_factory()
         deadline = time.monotonic() + self.config.timeout_s
         wants = [_Want(k, o) for k, o in zip(skeys, outs)]
         results: dict[int, torch.Tensor] = {}
