@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import socket
 import statistics
 import subprocess
@@ -89,33 +88,33 @@ class _LocalPeer:
 
 
 class _ProcessPeer:
-    """The peer agent in a child process (``python -m ectransfer.bench.raw.nixl peer SIZE``)."""
+    """The peer agent in a child process (``python -m ectransfer.bench.raw.nixl peer SIZE PORT``)."""
 
     def __init__(self, size: int) -> None:
         from ectransfer.backends.nixl.control import recv_message
 
         self._recv = recv_message
-        self.proc = subprocess.Popen([sys.executable, "-m", "ectransfer.bench.raw.nixl", "peer", str(size)],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.sock = socket.create_connection(("127.0.0.1", self._port(60.0)), timeout=60)
+        with socket.socket() as probe:  # a free loopback port; the peer binds it
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        self.proc = subprocess.Popen([sys.executable, "-m", "ectransfer.bench.raw.nixl", "peer", str(size), str(port)],
+                                     stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.sock = self._connect(port, 60.0)
         hello = self._recv(self.sock, time.monotonic() + 60)
         self._metadata: bytes = hello["metadata"]
         self.addr, self.size = int(hello["addr"]), int(hello["size"])
 
-    def _port(self, timeout_s: float) -> int:
-        """The port the peer prints as ``PORT <n>`` (NIXL logs to the same stdout first)."""
-        assert self.proc.stdout is not None
+    def _connect(self, port: int, timeout_s: float) -> socket.socket:
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            line = self.proc.stdout.readline() if ready else b""
-            if line.startswith(b"PORT "):
-                return int(line.split()[1])
-            if ready and not line:
-                break  # the peer exited
-        self.proc.kill()
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=60)
+            except OSError:
+                time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait(10)
-        raise BackendConnectionError("the raw NIXL peer process did not start")
+        raise BackendConnectionError(f"the raw NIXL peer process did not listen on 127.0.0.1:{port}")
 
     def metadata(self) -> bytes:
         return self._metadata
@@ -222,7 +221,7 @@ class Raw(RawClient):
         self._peer.close()
 
 
-def _serve_peer(size: int) -> None:
+def _serve_peer(size: int, port: int) -> None:
     """The peer process: one registered buffer, one client, WRITEs on request."""
     import torch
 
@@ -231,8 +230,7 @@ def _serve_peer(size: int) -> None:
     agent = _agent(f"raw-peer-{os.getpid()}")
     buf = torch.zeros(size, dtype=torch.uint8)
     agent.register_memory([(buf.data_ptr(), size, 0, "")], "DRAM")
-    listener = socket.create_server(("127.0.0.1", 0))
-    print(f"PORT {listener.getsockname()[1]}", flush=True)
+    listener = socket.create_server(("127.0.0.1", port))
     listener.settimeout(60)
     conn, _ = listener.accept()
     send_message(conn, {"metadata": agent.get_agent_metadata(), "addr": buf.data_ptr(), "size": size})
@@ -305,8 +303,8 @@ def _measure(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "peer":
-        _serve_peer(int(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "peer":
+        _serve_peer(int(sys.argv[2]), int(sys.argv[3]))
         sys.stdout.flush()
         os._exit(0)  # skip native atexit handlers (see the NIXL/libibverbs note)
     code = _measure(sys.argv[1:])
