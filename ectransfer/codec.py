@@ -35,11 +35,13 @@ from ectransfer.errors import CorruptEntryError, IncompatibleTensorError
 __all__ = [
     "FORMAT_VERSION",
     "TENSOR_NAME",
+    "Checksum",
     "EncodedEntry",
     "EntryHeader",
     "decode",
     "encode",
     "header_length",
+    "PayloadVerifier",
     "parse_header",
     "payload_view",
     "verify_payload",
@@ -87,13 +89,42 @@ class EntryHeader:
         return self.header_len + self.nbytes
 
 
+_PLACEHOLDER = "xxh3_64:" + "0" * 16  # as long as every real checksum: sealing keeps the header length
+
+
+class Checksum:
+    """Incremental entry checksum: xxh3-64 over ``dtype|shape|namespace|`` then the payload.
+
+    Feed the payload in pieces (:meth:`update`) while each piece is still in cache — that is
+    what lets a backend hash while it copies instead of making a pass of its own.
+    """
+
+    def __init__(self, dtype_name: str, shape: tuple[int, ...], namespace: str) -> None:
+        self._h = xxhash.xxh3_64()
+        self._h.update(f"{dtype_name}|{','.join(map(str, shape))}|{namespace}|".encode())
+
+    def update(self, data: Any) -> None:
+        self._h.update(data)
+
+    def value(self) -> str:
+        return "xxh3_64:" + self._h.hexdigest()
+
+
 @dataclass(frozen=True)
 class EncodedEntry:
-    """An encoded entry: ``header`` then ``payload`` (a view of the tensor's storage)."""
+    """An encoded entry: ``header`` then ``payload`` (a view of the tensor's storage).
+
+    An entry encoded with ``defer_checksum=True`` carries a placeholder checksum: hash the
+    payload with :meth:`checksum` while writing it, then write :meth:`seal`'s header (same
+    length) before the entry becomes visible.
+    """
 
     header: bytes
     payload: memoryview
     tensor: torch.Tensor  # keeps the storage behind ``payload`` alive
+    dtype_name: str = ""
+    namespace: str = ""
+    sealed: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -101,14 +132,25 @@ class EncodedEntry:
 
     def to_bytes(self) -> bytes:
         """Join header and payload (one copy); prefer writing the two parts separately."""
+        if not self.sealed:
+            raise ValueError("entry checksum is deferred: seal() the header first")
         return b"".join((self.header, self.payload))
+
+    def checksum(self) -> Checksum:
+        """A fresh :class:`Checksum` for this entry's payload."""
+        return Checksum(self.dtype_name, tuple(self.tensor.shape), self.namespace)
+
+    def seal(self, checksum: str) -> bytes:
+        """The header with ``checksum`` in place of the placeholder (same length)."""
+        if len(checksum) != len(_PLACEHOLDER):
+            raise ValueError(f"checksum {checksum!r} has the wrong length")
+        return self.header.replace(_PLACEHOLDER.encode(), checksum.encode(), 1)
 
 
 def _checksum(dtype_name: str, shape: tuple[int, ...], namespace: str, payload: Any) -> str:
-    h = xxhash.xxh3_64()
-    h.update(f"{dtype_name}|{','.join(map(str, shape))}|{namespace}|".encode())
+    h = Checksum(dtype_name, shape, namespace)
     h.update(payload)
-    return "xxh3_64:" + h.hexdigest()
+    return h.value()
 
 
 def payload_view(tensor: torch.Tensor) -> memoryview:
@@ -119,8 +161,14 @@ def payload_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def encode(tensor: torch.Tensor, namespace: str = "") -> EncodedEntry:
-    """Encode ``tensor`` (any rank, any strides, CPU) as a safetensors entry."""
+def encode(tensor: torch.Tensor, namespace: str = "", *, align: int = 0,
+           defer_checksum: bool = False) -> EncodedEntry:
+    """Encode ``tensor`` (any rank, any strides, CPU) as a safetensors entry.
+
+    ``align``: pad the header (with spaces, as safetensors allows) so the payload starts at a
+    multiple of ``align`` bytes — whole-page reads and writes for file-backed stores.
+    ``defer_checksum``: leave a placeholder (see :class:`EncodedEntry`) instead of hashing now.
+    """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
     dtype_name = _DTYPE_TO_ST.get(tensor.dtype)
@@ -134,7 +182,7 @@ def encode(tensor: torch.Tensor, namespace: str = "") -> EncodedEntry:
     meta = {
         _META_FORMAT: FORMAT_VERSION,
         _META_NAMESPACE: namespace,
-        _META_CHECKSUM: _checksum(dtype_name, shape, namespace, payload),
+        _META_CHECKSUM: _PLACEHOLDER if defer_checksum else _checksum(dtype_name, shape, namespace, payload),
     }
     hdr = {
         "__metadata__": meta,
@@ -142,7 +190,10 @@ def encode(tensor: torch.Tensor, namespace: str = "") -> EncodedEntry:
     }
     raw = json.dumps(hdr, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return EncodedEntry(struct.pack("<Q", len(raw)) + raw, payload, tensor)
+    if align > 1:
+        raw += b" " * (-(8 + len(raw)) % align)
+    return EncodedEntry(struct.pack("<Q", len(raw)) + raw, payload, tensor, dtype_name, namespace,
+                        sealed=not defer_checksum)
 
 
 def header_length(first8: bytes | memoryview) -> int:
@@ -197,6 +248,32 @@ def parse_header(prefix: bytes | memoryview, *, key: str = "?") -> EntryHeader:
     return EntryHeader(dtype, shape, hlen, nbytes, meta[_META_CHECKSUM], meta[_META_NAMESPACE], meta)
 
 
+class PayloadVerifier:
+    """:func:`verify_payload` in pieces: :meth:`update` each piece as it lands (still in cache),
+    then :meth:`finish`, which raises :class:`CorruptEntryError` on any mismatch."""
+
+    def __init__(self, header: EntryHeader, *, namespace: str = "", key: str = "?") -> None:
+        if header.checksum is not None and header.namespace != namespace:
+            raise CorruptEntryError(f"entry {key!r} belongs to namespace {header.namespace!r}, not {namespace!r}")
+        self.header = header
+        self.key = key
+        self._seen = 0
+        self._h = (Checksum(_DTYPE_TO_ST[header.dtype], header.shape, header.namespace or "")
+                   if header.checksum is not None else None)
+
+    def update(self, piece: Any) -> None:
+        self._seen += len(piece)
+        if self._h is not None:
+            self._h.update(piece)
+
+    def finish(self) -> None:
+        if self._seen != self.header.nbytes:
+            raise CorruptEntryError(
+                f"entry {self.key!r} is truncated: payload {self._seen} of {self.header.nbytes} bytes")
+        if self._h is not None and (actual := self._h.value()) != self.header.checksum:
+            raise CorruptEntryError(f"entry {self.key!r} failed its checksum ({actual} != {self.header.checksum})")
+
+
 def verify_payload(header: EntryHeader, payload: Any, *, namespace: str = "", key: str = "?") -> None:
     """Raise :class:`CorruptEntryError` unless ``payload`` matches ``header``'s checksum.
 
@@ -205,15 +282,9 @@ def verify_payload(header: EntryHeader, payload: Any, *, namespace: str = "", ke
     """
     if len(payload) != header.nbytes:
         raise CorruptEntryError(f"entry {key!r} is truncated: payload {len(payload)} of {header.nbytes} bytes")
-    if header.checksum is None:
-        return
-    if header.namespace != namespace:
-        raise CorruptEntryError(
-            f"entry {key!r} belongs to namespace {header.namespace!r}, not {namespace!r}"
-        )
-    actual = _checksum(_DTYPE_TO_ST[header.dtype], header.shape, header.namespace or "", payload)
-    if actual != header.checksum:
-        raise CorruptEntryError(f"entry {key!r} failed its checksum ({actual} != {header.checksum})")
+    verifier = PayloadVerifier(header, namespace=namespace, key=key)
+    verifier.update(payload)
+    verifier.finish()
 
 
 def check_destination(header: EntryHeader, out: torch.Tensor, *, key: str = "?") -> None:

@@ -80,24 +80,32 @@ def test_other_tensor_name_is_not_an_entry(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- atomicity
-def test_failed_write_leaves_previous_entry_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fails", ["second_payload_piece", "sealing_header"])
+def test_failed_write_leaves_previous_entry_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        fails: str) -> None:
+    """A crash mid-payload or before the header is sealed leaves the old entry and no temp file."""
     be = FsBackend(FsConfig(root=str(tmp_path)))
-    old = make_tensor((4, 4), torch.float32, seed=1)
+    old = make_tensor((1024, 1024), torch.float32, seed=1)  # 4 MiB: several payload pieces
     be.put("k", old)
-    real_write = os.write
-    calls = {"n": 0}
+    real_write, calls = os.write, {"n": 0}
 
     def failing_write(fd: int, data: Any) -> int:
         calls["n"] += 1
-        if calls["n"] == 2:  # header written, payload fails: a crash mid-write
+        if calls["n"] == 2:
             raise OSError(5, "Input/output error")
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", failing_write)
+    def failing_pwrite(fd: int, data: Any, offset: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    if fails == "second_payload_piece":
+        monkeypatch.setattr(os, "write", failing_write)
+    else:
+        monkeypatch.setattr(os, "pwrite", failing_pwrite)
     with pytest.raises(OSError):
-        be.put("k", make_tensor((4, 4), torch.float32, seed=2))
+        be.put("k", make_tensor((1024, 1024), torch.float32, seed=2))
     monkeypatch.undo()
-    assert torch.equal(be.get("k"), old)
+    assert same_bits(be.get("k"), old)
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [ENTRY_FILE]
 
 
