@@ -97,3 +97,44 @@ def test_property_any_single_byte_change_is_detected(data: st.DataObject) -> Non
     # character turned into equivalent whitespace): the decoded tensor must then be unchanged.
     assert chr(original) in " " or chr(blob[i]) in " \t\r\n", f"byte {i} changed undetected"
     assert same_bits(got, make_tensor((6, 10), torch.bfloat16, seed=1))
+
+
+def test_deferred_checksum_sealed_in_pieces_equals_one_shot() -> None:
+    from ectransfer.codec import PayloadVerifier
+
+    t = make_tensor((300, 77), torch.bfloat16, seed=5)
+    one_shot = encode(t, "ns")
+    deferred = encode(t, "ns", defer_checksum=True)
+    with pytest.raises(ValueError, match="seal"):
+        deferred.to_bytes()
+    c = deferred.checksum()
+    for i in range(0, len(deferred.payload), 4096):
+        c.update(deferred.payload[i:i + 4096])
+    sealed = deferred.seal(c.value())
+    assert len(sealed) == len(deferred.header) and sealed == one_shot.header
+    header = parse_header(sealed)
+    v = PayloadVerifier(header, namespace="ns")
+    for i in range(0, len(deferred.payload), 1000):
+        v.update(deferred.payload[i:i + 1000])
+    v.finish()
+    bad = PayloadVerifier(header, namespace="ns")
+    bad.update(bytes(len(deferred.payload)))
+    with pytest.raises(CorruptEntryError, match="checksum"):
+        bad.finish()
+    short = PayloadVerifier(header, namespace="ns")
+    short.update(deferred.payload[:-1])
+    with pytest.raises(CorruptEntryError, match="truncated"):
+        short.finish()
+    with pytest.raises(CorruptEntryError, match="namespace"):
+        PayloadVerifier(header, namespace="other")
+
+
+@pytest.mark.parametrize("align", [64, 4096])
+def test_aligned_payload_still_reads_with_safetensors(align: int) -> None:
+    from safetensors.torch import load
+
+    t = make_tensor((33, 65), torch.float16, seed=6)
+    entry = encode(t, align=align)
+    assert len(entry.header) % align == 0
+    assert same_bits(load(entry.to_bytes())["ec_cache"], t)
+    assert same_bits(decode(entry.to_bytes()), t)
