@@ -214,7 +214,7 @@ class Targets(contextlib.ExitStack):
     def _spawn(self, name: str) -> SpawnedServer:
         fn: Callable[[Path], SpawnedServer] | None = None
         try:
-            # Imported here: ectransfer.testing needs pytest, which a plain install lacks.
+            # Imported on use: only --spawn needs the server helpers.
             from ectransfer.testing.servers import spawner
         except ImportError as exc:
             raise TargetError(f"backend {name!r}: --spawn needs the test helpers ({exc}); "
