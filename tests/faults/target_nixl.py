@@ -24,6 +24,7 @@ class NixlTarget(Target):
     # Each writer process is its own producer with its own address: several processes cannot
     # write one shared store, so the multi-process writer cell does not apply.
     shared_across_processes = False
+    not_shared_reason = "each writer process is its own producer, so several processes cannot write one store"
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)

@@ -25,8 +25,9 @@ class Target:
 
     name = "?"
     has_server = False
-    #: a URL/option set under which a second process can reach the same store (None: in-process only)
+    #: several processes can write one store through ``url()`` + ``options()``; if not, why not
     shared_across_processes = True
+    not_shared_reason = "in-process only"
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir

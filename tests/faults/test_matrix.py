@@ -146,7 +146,7 @@ def test_duplicate_put(target: Target, observe: Any) -> None:
 @pytest.mark.fault("concurrent put/get of one key from several processes")
 def test_multiprocess_same_key(target: Target, observe: Any) -> None:
     if not target.shared_across_processes:
-        pytest.skip(f"{target.name} is in-process only")
+        pytest.skip(f"{target.name}: {target.not_shared_reason}")
     from ectransfer.testing.remote import RemoteBackend
 
     procs = [RemoteBackend.start(target.url(), timeout_s=60, **target.options()) for _ in range(3)]
