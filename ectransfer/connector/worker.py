@@ -77,7 +77,10 @@ class WorkerSide:
     """One worker's saves, fetches and loads. Thread-safe; see the module docstring."""
 
     def __init__(self, backend: Backend[Any], options: ConnectorOptions, *, produce: bool, consume: bool,
-                 device: torch.device | str = "cpu", release_after_load: bool = True) -> None:
+                 device: torch.device | str = "cpu", release_after_load: bool = True,
+                 host_staging: bool | None = None) -> None:
+        """``host_staging`` (default: when ``device`` is CUDA) lands fetches in reused, bounded
+        (pinned when CUDA is present) host buffers and copies them to ``device`` at load."""
         self.backend = backend
         self.options = options
         self.device = torch.device(device)
@@ -100,7 +103,9 @@ class WorkerSide:
         self._staged_bytes = 0
         self._loaded: set[str] = set()
         # Host staging for device loads; pinned when CUDA is present. Bounded like staging.
-        self._pool = StagingPool(options.max_staged_bytes) if self.device.type == "cuda" else None
+        if host_staging is None:
+            host_staging = self.device.type == "cuda"
+        self._pool = StagingPool(options.max_staged_bytes) if host_staging else None
         self._in_copy: list[tuple[Any, torch.Tensor]] = []  # (event, pool buffer) until the copy ran
         self._layouts: dict[str, tuple[int, torch.dtype]] = {}  # modality -> (width, dtype) seen
 
@@ -305,8 +310,8 @@ class WorkerSide:
                 self._loaded.add(ref.item_id)
 
     def _to_device(self, staged: _Staged) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return staged.tensor
+        if staged.buffer is None and self.device.type == "cpu":
+            return staged.tensor  # a tensor of its own: the cache may keep it
         out = torch.empty(staged.tensor.shape, dtype=staged.tensor.dtype, device=self.device)
         event = to_device_async(staged.tensor, out)
         if staged.buffer is not None:

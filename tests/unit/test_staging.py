@@ -74,3 +74,54 @@ def test_host_view_shape() -> None:
     buf = torch.zeros(1 << 16, dtype=torch.uint8)
     v = host_view(buf, torch.Size([4, 8]), torch.float32)
     assert v.shape == (4, 8) and v.data_ptr() == buf.data_ptr()
+
+
+def test_worker_side_staging_reuses_bounded_buffers_and_never_hands_them_out() -> None:
+    """The CUDA load path's bookkeeping, run on host memory: fetches land in pool buffers
+    (after the first, with get_into), loads copy out of them, buffers come back and are reused."""
+    import threading
+    from typing import Any
+
+    from ectransfer import open_backend
+    from ectransfer.connector.options import ConnectorOptions
+    from ectransfer.connector.plan import ItemRef, StepPlan
+    from ectransfer.connector.worker import WorkerSide
+
+    store = open_backend("memory://")
+    items = {f"k{i}": torch.full((16, 64), float(i), dtype=torch.bfloat16) for i in range(6)}
+    w = WorkerSide(store, ConnectorOptions(max_staged_bytes=1 << 20), produce=False, consume=True,
+                   host_staging=True, release_after_load=False)
+    pool = w._pool
+    assert pool is not None
+    done = threading.Semaphore(0)
+    events: list[dict[str, Any]] = []
+
+    def reply(ev: dict[str, Any]) -> None:
+        events.append(ev)
+        done.release()
+
+    try:
+        caches = []
+        for round_ in range(3):  # the same sizes again: no new buffer after the first round
+            for k, t in items.items():
+                store.put(k, t + 100 * round_)
+            refs = [ItemRef(k, k, 16, "image") for k in items]
+            for ref in refs:
+                w.fetch(ref, reply, wait_s=0, announced=False)
+            for _ in refs:
+                done.acquire()
+            assert all(ev["ev"] == "ready" for ev in events), events
+            cache: dict[str, torch.Tensor] = {}
+            w.load(StepPlan(refs), cache)
+            caches.append(cache)
+            if round_ == 0:
+                first_allocations = pool.allocations
+            w._reclaim_copied()
+            assert pool.in_use_bytes == 0, "every staging buffer goes back once its copy ran"
+        assert pool.allocations == first_allocations, "buffers are reused, not allocated per item"
+        assert pool.allocated_bytes <= pool.capacity_bytes
+        for round_, cache in enumerate(caches):  # each load got its own tensor, not a reused pool buffer
+            for k, t in items.items():
+                assert torch.equal(cache[k], t + 100 * round_), f"round {round_} {k} was overwritten"
+    finally:
+        w.close()
