@@ -20,9 +20,11 @@ of the same key, so the backend adds what the contract needs on top:
   one, and a read that fails its checksum (torn by an in-place rewrite) is read again, up to
   three times; a tensor that fails its checksum is never returned.
 
-Every Mooncake call runs on a worker thread and is bounded by ``timeout_s``
-(:mod:`ectransfer.backends.mooncake.calls`); every error code becomes a typed error carrying
-``code`` and ``code_name`` (:mod:`ectransfer.backends.mooncake.codes`).
+Every Mooncake data call runs on a worker thread and is bounded by ``timeout_s``
+(:mod:`ectransfer.backends.mooncake.calls`); joining the store, which holds the GIL, is bounded
+by Mooncake's own deadlines sized for it (:mod:`ectransfer.backends.mooncake.client`). Every
+error code becomes a typed error carrying ``code`` and ``code_name``
+(:mod:`ectransfer.backends.mooncake.codes`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 
 from ectransfer.backend import Backend, Capabilities
 from ectransfer.backends.mooncake import client
-from ectransfer.backends.mooncake.arena import Slot, StagingArena
+from ectransfer.backends.mooncake.arena import ALIGN, Slot, StagingArena
 from ectransfer.backends.mooncake.calls import CallRunner
 from ectransfer.backends.mooncake.codes import TRANSIENT_READ, TRANSIENT_WRITE, error_for
 from ectransfer.backends.mooncake.config import HEADER_ALLOWANCE, MooncakeConfig
@@ -218,7 +220,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
 
     def _delete(self, skeys: list[str]) -> None:
         # force: a get grants a lease during which a plain remove is refused (OBJECT_HAS_LEASE)
-        rcs = self._call(lambda: self._store.batch_remove([self._mkey(k) for k in skeys], True), self._deadline(),
+        rcs = self._call(partial(self._store.batch_remove, [self._mkey(k) for k in skeys], True), self._deadline(),
                          f"delete of {len(skeys)} entries")
         for k, rc in zip(skeys, rcs):
             if rc not in (0, _NOT_FOUND):
@@ -226,7 +228,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
 
     # ----------------------------------------------------------------- reads
     def _exists(self, skeys: list[str]) -> list[bool]:
-        rcs = self._call(lambda: self._store.batch_is_exist([self._mkey(k) for k in skeys]), self._deadline(),
+        rcs = self._call(partial(self._store.batch_is_exist, [self._mkey(k) for k in skeys]), self._deadline(),
                          f"exists of {len(skeys)} keys")
         found = []
         for k, rc in zip(skeys, rcs):
@@ -271,6 +273,8 @@ class MooncakeBackend(Backend[MooncakeConfig]):
                                 raise
                 finally:
                     self._free(slot)
+                if rc >= 0:  # read again at once: a rewrite in progress now answers "not ready"
+                    continue
                 if rc == _BUFFER_TOO_SMALL:
                     too_small, size = size, 0
                     continue
@@ -320,7 +324,9 @@ class MooncakeBackend(Backend[MooncakeConfig]):
                 self._free(slot)
         for i in sorted(retry):
             got[i] = self._read(skeys[i], outs[i], deadline)
-        return [t for t in got if t is not None]
+        done = [t for t in got if t is not None]
+        assert len(done) == len(skeys)  # every index was batched or read alone
+        return done
 
     def _get_many(self, skeys: list[str]) -> list[torch.Tensor]:
         return self._batch_read(skeys, [None] * len(skeys))
@@ -353,7 +359,7 @@ def _chunks(items: list[T], nbytes: Callable[[T], int], capacity: int) -> Iterat
     run: list[T] = []
     used = 0
     for item in items:
-        n = -(-max(nbytes(item), 1) // 256) * 256
+        n = -(-max(nbytes(item), 1) // ALIGN) * ALIGN
         if run and used + n > capacity:
             yield run
             run, used = [], 0

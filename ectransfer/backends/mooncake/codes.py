@@ -1,9 +1,12 @@
 """Mooncake's integer error codes and the ectransfer error each one becomes.
 
 Mooncake Store calls return ``0`` (or a byte count) on success and a negative
-``mooncake::ErrorCode`` on failure. :data:`ERROR_CODES` lists every code of the 0.3.13
-``ErrorCode`` enum (``mooncake-store/include/types.h``; the same names are compiled into the
-wheel's ``store.so``) with the ectransfer error class a caller sees. :func:`error_for` builds
+``mooncake::ErrorCode`` on failure. :data:`ERROR_CODES` lists the codes of the ``ErrorCode``
+enum of Mooncake 0.3.13 (``mooncake-store/include/types.h`` and the store's RPC schema; the
+long names were checked against the strings compiled into the wheel's ``store.so``) with the
+ectransfer error class a caller sees. Releases number a few codes differently (-713 and -714
+changed meaning between versions; 0.3.13 has no -713): a code missing here is reported as
+``UNKNOWN`` with its number. :func:`error_for` builds
 that error: an instance of the *exact* ectransfer class (so ``except EntryNotFoundError`` and
 the two-process harness, which matches errors by class name, keep working) carrying the code
 as ``exc.code`` and its name as ``exc.code_name``; the message says both.
@@ -61,7 +64,6 @@ ERROR_CODES: dict[int, tuple[str, type[ECTransferError]]] = {
     -710: ("REPLICA_NOT_FOUND", _MISS),
     -711: ("REPLICA_ALREADY_EXISTS", _IO),
     -712: ("REPLICA_IS_GONE", _MISS),
-    -713: ("REPLICA_NOT_IN_LOCAL_MEMORY", _IO),
     -714: ("OBJECT_REPLICA_BUSY", _IO),
     -800: ("TRANSFER_FAIL", _NET),  # the segment holder is unreachable (or died)
     -801: ("CHECKSUM_MISMATCH", CorruptEntryError),

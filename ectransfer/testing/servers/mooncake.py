@@ -2,7 +2,7 @@
 
 :func:`spawn` starts the ``mooncake_master`` that ships in the Mooncake wheel (the console
 script next to ``sys.executable``) on 127.0.0.1 with free ports, then a separate process
-(:mod:`ectransfer.testing.servers.mooncake_holder`) that mounts ``segment_size`` bytes into it
+(``ectransfer/testing/servers/mooncake_holder.py``) that mounts ``segment_size`` bytes into it
 and stays alive. Entries live in that holder's memory, so any number of client processes, which
 contribute no memory, reach the same store through the returned URL and options; entries
 cross a real process boundary over TCP.
@@ -34,7 +34,7 @@ from ectransfer.testing.servers import ServerProcess, SpawnedServer, free_port
 
 __all__ = ["MooncakeServer", "kill_holder", "master_binary", "restart_master", "rewrite_entry", "spawn", "start_holder"]
 
-_READY_TIMEOUT_S = 30.0
+_READY_TIMEOUT_S = 60.0  # bounded, and generous: two busy cores can be slow to start a process
 _ENV = {"MC_TCP_BIND_ADDRESS": "127.0.0.1"}
 
 
@@ -107,7 +107,8 @@ def start_holder(workdir: Path, master: str, segment_size: int, *, metadata_serv
     """Start a segment holder for ``master`` and wait for its ready file."""
     ready = workdir / f"mooncake-{name}.ready"
     ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "ectransfer.testing.servers.mooncake_holder", "--master", master,
+    # -I: the script's own directory (which holds this module, "mooncake.py") stays off sys.path
+    argv = [sys.executable, "-I", str(Path(__file__).with_name("mooncake_holder.py")), "--master", master,
             "--segment-size", str(segment_size), "--ready-file", str(ready), "--metadata-server", metadata_server]
     proc = ServerProcess(argv, log_path=workdir / f"mooncake-{name}.log", env=_ENV)
     deadline = time.monotonic() + _READY_TIMEOUT_S

@@ -1,13 +1,17 @@
 """A segment holder: a process that mounts memory into a Mooncake store and keeps it there.
 
-    python -m ectransfer.testing.servers.mooncake_holder --master 127.0.0.1:PORT \\
-        --segment-size 1GiB --ready-file PATH [--metadata-server P2PHANDSHAKE] [--hostname 127.0.0.1]
+    python -I .../mooncake_holder.py --master 127.0.0.1:PORT --segment-size BYTES \\
+        --ready-file PATH [--metadata-server P2PHANDSHAKE] [--hostname 127.0.0.1]
 
 Clients of a Mooncake store contribute no memory (``global_segment_size=0``); the entries live
 in segments that processes like this one mount. It joins the store, writes ``PATH`` (atomically:
 the file appears complete or not at all) once its segment is mounted, and stays until SIGTERM or
 SIGINT, when it closes its client and exits. Setup failures exit with code 2 and a message on
 stderr. In production, Mooncake's own ``mooncake_client`` program plays this part.
+
+It imports nothing of ectransfer (so not torch either: seconds of start-up on a busy machine),
+and is started by its file path, not with ``-m``, which would import the ``ectransfer`` package
+(``-I`` keeps its directory, where the spawner module ``mooncake.py`` lives, off ``sys.path``).
 """
 
 from __future__ import annotations
@@ -18,23 +22,19 @@ import signal
 import sys
 from pathlib import Path
 
-from ectransfer.config import parse_size
-from ectransfer.errors import ConfigError
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ectransfer.testing.servers.mooncake_holder")
+    p = argparse.ArgumentParser(prog="mooncake_holder.py")
     p.add_argument("--master", required=True, help="host:port of mooncake_master")
-    p.add_argument("--segment-size", required=True, help="memory to mount, e.g. 1GiB")
+    p.add_argument("--segment-size", required=True, type=int, help="bytes of memory to mount")
     p.add_argument("--ready-file", required=True, type=Path, help="written once the segment is mounted")
     p.add_argument("--metadata-server", default="P2PHANDSHAKE")
     p.add_argument("--hostname", default="127.0.0.1", help="address clients reach this process at")
     p.add_argument("--protocol", default="tcp", choices=("tcp", "rdma"))
     args = p.parse_args(argv)
-    try:
-        segment = parse_size(args.segment_size, what="--segment-size")
-    except ConfigError as exc:
-        print(f"mooncake_holder: {exc}", file=sys.stderr)
+    segment = args.segment_size
+    if segment <= 0:
+        print(f"mooncake_holder: --segment-size must be positive, got {segment}", file=sys.stderr)
         return 2
     # Block the stop signals before Mooncake starts its threads, so they all inherit the mask
     # and sigwait below is the one place that receives them.
