@@ -80,25 +80,23 @@ def test_other_tensor_name_is_not_an_entry(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- atomicity
-@pytest.mark.parametrize("fails", ["second_payload_piece", "sealing_header"])
+@pytest.mark.parametrize("fails", ["mid_payload", "sealing_header"])
 def test_failed_write_leaves_previous_entry_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         fails: str) -> None:
     """A crash mid-payload or before the header is sealed leaves the old entry and no temp file."""
     be = FsBackend(FsConfig(root=str(tmp_path)))
     old = make_tensor((1024, 1024), torch.float32, seed=1)  # 4 MiB: several payload pieces
     be.put("k", old)
-    real_write, calls = os.write, {"n": 0}
+    real_write = os.write
 
-    def failing_write(fd: int, data: Any) -> int:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(5, "Input/output error")
-        return real_write(fd, data)
+    def failing_write(fd: int, data: Any) -> int:  # half the payload reaches the file, then the disk fails
+        real_write(fd, memoryview(data)[: len(data) // 2])
+        raise OSError(5, "Input/output error")
 
     def failing_pwrite(fd: int, data: Any, offset: int) -> int:
         raise OSError(5, "Input/output error")
 
-    if fails == "second_payload_piece":
+    if fails == "mid_payload":
         monkeypatch.setattr(os, "write", failing_write)
     else:
         monkeypatch.setattr(os, "pwrite", failing_pwrite)
@@ -247,3 +245,26 @@ class TestFsReadByAnotherProcess(_FsCorrupt, BackendTests):
     @pytest.fixture
     def reader(self, backend: Backend[Any], remote_reader: Any) -> Any:
         return remote_reader
+
+
+@pytest.mark.parametrize("damage", ["flip_middle", "flip_last", "truncate"])
+def test_large_entry_damage_is_caught_by_the_parallel_verifier(tmp_path: Path, damage: str) -> None:
+    """Payloads of several MiB are hashed on a second thread while they are read: still checked."""
+    from ectransfer.backends.fs import _PARALLEL_MIN
+
+    t = make_tensor((1024, 3072), torch.bfloat16, seed=7)  # 6 MiB
+    assert t.numel() * 2 >= _PARALLEL_MIN
+    with open_backend(str(tmp_path)) as be:
+        be.put("big", t)
+        assert same_bits(be.get("big"), t)
+        path = tmp_path / "big" / ENTRY_FILE
+        blob = bytearray(path.read_bytes())
+        if damage == "truncate":
+            del blob[-4096:]
+        else:
+            blob[len(blob) // 2 if damage == "flip_middle" else -1] ^= 0x01
+        path.write_bytes(bytes(blob))
+        with pytest.raises(CorruptEntryError):
+            be.get("big")
+        with pytest.raises(CorruptEntryError):
+            be.get_into("big", torch.empty_like(t))
