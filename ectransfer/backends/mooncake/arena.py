@@ -7,25 +7,25 @@ there; a get lands the entry there, the checksum is verified there, and only the
 payload copied into the caller's tensor. So a failed, torn or abandoned transfer never writes
 into memory the caller owns.
 
-Slots are first-fit ranges, freed ranges coalesce. A caller that finds no room waits (until
+Slots are first-fit ranges of the shared :class:`~ectransfer.backends._slots.Allocator`, freed
+ranges coalesce. A caller that finds no room waits (until
 its deadline) for other calls to release theirs; an item larger than the whole buffer is a
 :class:`~ectransfer.errors.CapacityError` naming ``local_buffer_size`` at once.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import threading
 import time
 
 import numpy as np
 
+from ectransfer.backends import _slots
+from ectransfer.backends._slots import ALIGN
 from ectransfer.errors import CapacityError, TransferTimeoutError
 
 __all__ = ["ALIGN", "Slot", "StagingArena"]
-
-ALIGN = 256  # slot starts stay aligned for every dtype (the payload sits 8-aligned behind the header)
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,7 +50,7 @@ class StagingArena:
         self.buffer.fill(0)
         self.capacity = capacity
         self.base: int = self.buffer.ctypes.data
-        self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (offset, size)
+        self._alloc = _slots.Allocator(capacity)
         self._cond = threading.Condition()
 
     def view(self, slot: Slot) -> np.ndarray:
@@ -64,21 +64,17 @@ class StagingArena:
 
     def acquire(self, nbytes: int, deadline: float, *, what: str) -> Slot:
         """A slot of ``nbytes``; waits for room until ``deadline`` (``time.monotonic()``)."""
-        reserved = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-        if reserved > self.capacity:
+        reserved = _slots.Slot(0, nbytes).reserved
+        if reserved > self._alloc.capacity:
             raise CapacityError(
                 f"mooncake backend: {what} needs {nbytes} bytes of staging buffer but local_buffer_size is "
                 f"{self.capacity}: raise local_buffer_size above the largest item (plus 64 KiB for its header)"
             )
         with self._cond:
             while True:
-                for i, (off, free) in enumerate(self._free):
-                    if free >= reserved:
-                        if free == reserved:
-                            del self._free[i]
-                        else:
-                            self._free[i] = (off + reserved, free - reserved)
-                        return Slot(off, nbytes, reserved, self.base + off)
+                got = self._alloc.alloc(nbytes)
+                if got is not None:
+                    return Slot(got.offset, nbytes, got.reserved, self.base + got.offset)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TransferTimeoutError(
@@ -90,18 +86,10 @@ class StagingArena:
     def release(self, slot: Slot) -> None:
         """Give ``slot`` back (its neighbours coalesce); wakes callers waiting for room."""
         with self._cond:
-            start, end = slot.offset, slot.offset + slot.reserved
-            i = bisect.bisect(self._free, (start, 0))
-            if i < len(self._free) and self._free[i][0] == end:  # merge with the next range
-                end += self._free.pop(i)[1]
-            if i > 0 and sum(self._free[i - 1]) == start:  # ... and with the previous one
-                start = self._free[i - 1][0]
-                self._free[i - 1] = (start, end - start)
-            else:
-                self._free.insert(i, (start, end - start))
+            self._alloc.free(_slots.Slot(slot.offset, slot.length))
             self._cond.notify_all()
 
     @property
     def free_bytes(self) -> int:
         with self._cond:
-            return sum(size for _, size in self._free)
+            return self._alloc.capacity - self._alloc.used
