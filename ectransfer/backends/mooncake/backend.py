@@ -52,6 +52,8 @@ from ectransfer.errors import BackendUnavailableError, CorruptEntryError, Transf
 
 __all__ = ["MooncakeBackend"]
 
+_PIECE = 1 << 20  # copy-and-hash granule: one piece stays in cache between the two
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -159,10 +161,16 @@ class MooncakeBackend(Backend[MooncakeConfig]):
 
     @staticmethod
     def _fill(view: np.ndarray, entry: EncodedEntry) -> None:
+        """Copy ``entry`` (encoded with a deferred checksum) into ``view``, hashing each copied
+        piece while it is in cache, then write the sealed header: one pass over the payload."""
         h = len(entry.header)
-        view[:h] = np.frombuffer(entry.header, dtype=np.uint8)
-        if len(entry.payload):
-            np.copyto(view[h : entry.nbytes], np.frombuffer(entry.payload, dtype=np.uint8))
+        checksum = entry.checksum()
+        src = np.frombuffer(entry.payload, dtype=np.uint8)
+        for start in range(0, len(src), _PIECE):
+            dst = view[h + start : h + min(start + _PIECE, len(src))]
+            np.copyto(dst, src[start : start + len(dst)])
+            checksum.update(dst)  # what the slot holds is what the checksum vouches for
+        view[:h] = np.frombuffer(entry.seal(checksum.value()), dtype=np.uint8)
 
     # ----------------------------------------------------------------- writes
     def _upsert(self, skey: str, ptr: int, nbytes: int, slot: Slot, deadline: float) -> None:
@@ -179,7 +187,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
             delay = min(2 * delay, 0.05)
 
     def _put(self, skey: str, tensor: torch.Tensor) -> None:
-        entry = encode(tensor, self._namespace)
+        entry = encode(tensor, self._namespace, defer_checksum=True)
         deadline = self._deadline()
         arena = self._staging()
         slot = arena.acquire(entry.nbytes, deadline, what=f"put {skey!r}")
@@ -192,7 +200,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
 
     def _put_many(self, items: list[tuple[str, torch.Tensor]]) -> None:
         latest = dict(items)  # "like put for each, in order": the last tensor of a key wins
-        entries = [(k, encode(t, self._namespace)) for k, t in latest.items()]
+        entries = [(k, encode(t, self._namespace, defer_checksum=True)) for k, t in latest.items()]
         deadline = self._deadline()
         arena = self._staging()
         for chunk in _chunks(entries, lambda e: e[1].nbytes, arena.capacity):
