@@ -298,9 +298,10 @@ def test_consumer_worker_does_not_save(rig: Rig) -> None:
 
 # ------------------------------------------------------------------------------ options, stats
 def test_split_options() -> None:
-    conn, transport = split_options({"url": "memory://x", "load_timeout_s": "2.5", "max_bytes": "1KiB"})
+    url = f"memory://split-{uuid.uuid4().hex}"  # named stores live as long as the process: a fresh one
+    conn, transport = split_options({"url": url, "load_timeout_s": "2.5", "max_bytes": "1KiB"})
     assert conn.load_timeout_s == 2.5
-    assert transport.url == "memory://x" and dict(transport.options) == {"max_bytes": "1KiB"}
+    assert transport.url == url and dict(transport.options) == {"max_bytes": "1KiB"}
     be = transport.open(Role.CONSUMER)
     assert isinstance(be, MemoryBackend) and be.config.max_bytes == 1024
     be.close()
