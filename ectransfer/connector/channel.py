@@ -7,8 +7,8 @@ drop requests straight to every worker, which answers with ``ready``/``failed`` 
 
 Transport: a Linux abstract Unix socket per worker (no file to clean up, no port to choose),
 named from the engine id and the worker's data-parallel and tensor-parallel rank; the server
-accepts only peers of the same user (``SO_PEERCRED``). Frames are a 4-byte little-endian
-length and a msgpack map; no pickle. The scheduler and its workers always share a host.
+accepts only peers of the same user (``SO_PEERCRED``). Frames are :mod:`ectransfer.framing`'s
+(length-prefixed msgpack maps; no pickle). The scheduler and its workers always share a host.
 
 Messages, scheduler -> worker: ``{"op": "fetch", "items": [ItemRef wire], "wait_s": float,
 "announced": [bool]}`` and ``{"op": "drop", "ids": [item_id]}``. Worker -> scheduler:
@@ -29,14 +29,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
+from ectransfer.framing import recv_frame, send_frame
 
 __all__ = ["ChannelClient", "ChannelServer", "channel_address"]
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct("<I")
-_MAX_FRAME = 64 << 20
 _SO_PEERCRED_FMT = "3i"
 
 
@@ -44,33 +42,6 @@ def channel_address(engine_id: str, dp_rank: int, tp_rank: int) -> str:
     """The abstract socket name of one worker's channel."""
     digest = hashlib.blake2b(engine_id.encode(), digest_size=8).hexdigest()
     return f"\0ectransfer-{digest}-dp{dp_rank}-tp{tp_rank}"
-
-
-def _send_frame(sock: socket.socket, lock: threading.Lock, obj: Any) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    with lock:
-        sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_frame(sock: socket.socket) -> Any | None:
-    head = _recv_exact(sock, 4)
-    if head is None:
-        return None
-    (n,) = _LEN.unpack(head)
-    if n > _MAX_FRAME:
-        raise ValueError(f"control frame of {n} bytes exceeds {_MAX_FRAME}")
-    body = _recv_exact(sock, n)
-    return None if body is None else msgpack.unpackb(body, raw=False)
 
 
 class ChannelServer:
@@ -121,15 +92,16 @@ class ChannelServer:
 
         def reply(event: dict[str, Any]) -> None:
             try:
-                _send_frame(conn, send_lock, event)
+                send_frame(conn, event, send_lock)
             except OSError:
                 pass  # the scheduler went away; it re-sends what it still needs
 
         try:
             while not self._closed.is_set():
-                msg = _recv_frame(conn)
-                if msg is None:
-                    return
+                try:
+                    msg = recv_frame(conn)
+                except ConnectionResetError:
+                    return  # the scheduler went away (or sent an absurd frame)
                 try:
                     self._handler(msg, reply)
                 except Exception:  # one bad message must not end the channel
@@ -194,10 +166,7 @@ class ChannelClient:
     def _read_loop(self, address: str, sock: socket.socket) -> None:
         try:
             while True:
-                ev = _recv_frame(sock)
-                if ev is None:
-                    break
-                self.events.put(ev)
+                self.events.put(recv_frame(sock))
         except (OSError, ValueError):
             pass
         with self._lock:
@@ -220,7 +189,7 @@ class ChannelClient:
         pending = self._backlog[address]
         try:
             while pending:
-                _send_frame(sock, self._send_locks[address], pending[0])
+                send_frame(sock, pending[0], self._send_locks[address])
                 pending.pop(0)
         except OSError:
             sock.close()

@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-from ectransfer import errors as _errors
 from ectransfer.backend import Backend, Capabilities
 from ectransfer.codec import decode, encode
 from ectransfer.config import BackendConfig
 from ectransfer.errors import BackendConnectionError, ECTransferError, TransferTimeoutError
+from ectransfer.framing import error_from_reply, error_reply
 
 __all__ = ["RemoteBackend", "RemoteConfig"]
 
@@ -109,11 +109,10 @@ class RemoteBackend(Backend[RemoteConfig]):
                                 env=dict(env or {})))
 
     @staticmethod
-    def _error(reply: Mapping[str, Any]) -> Exception:
-        cls = getattr(_errors, reply["error"], None)
-        if isinstance(cls, type) and issubclass(cls, ECTransferError):
-            return cls(reply["message"])
-        return ECTransferError(f"{reply['error']}: {reply['message']}")
+    def _error(reply: dict[str, Any]) -> Exception:
+        exc = error_from_reply(reply)
+        assert exc is not None
+        return exc
 
     def _call(self, op: str, **kw: Any) -> Any:
         with self._lock:
@@ -175,7 +174,7 @@ def _serve(rfd: int, wfd: int, spec: dict[str, Any]) -> None:
     try:
         backend = open_backend(spec["url"], **spec["options"])
     except Exception as exc:  # noqa: BLE001 - reported to the parent
-        _send(wfd, {"error": type(exc).__name__, "message": str(exc)})
+        _send(wfd, error_reply(exc))
         return
     _send(wfd, {"ok": True, "capabilities": dataclasses.asdict(type(backend).capabilities)})
     while True:
@@ -207,7 +206,7 @@ def _serve(rfd: int, wfd: int, spec: dict[str, Any]) -> None:
                 raise ValueError(f"unknown op {op!r}")
             _send(wfd, {"result": result})
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent
-            _send(wfd, {"error": type(exc).__name__, "message": str(exc)})
+            _send(wfd, error_reply(exc))
 
 
 if __name__ == "__main__":

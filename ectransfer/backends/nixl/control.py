@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -41,56 +40,22 @@ from typing import Any
 
 import msgpack
 
-from ectransfer import errors as _errors
-from ectransfer.errors import BackendConnectionError, ECTransferError, TransferTimeoutError
+from ectransfer.errors import BackendConnectionError, ConfigError, ECTransferError, TransferTimeoutError
+from ectransfer.framing import error_from_reply, error_reply, recv_frame, send_frame
 
 __all__ = ["ControlClient", "ControlServer", "recv_message", "send_message"]
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct("<I")
-MAX_MESSAGE = 64 << 20  # control messages are small; refuse anything absurd
-
-
-def send_message(sock: socket.socket, obj: Any) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionResetError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_message(sock: socket.socket, deadline: float | None = None) -> Any:
-    """One message; ``deadline`` (monotonic) bounds the whole read. Raises OSError/TimeoutError."""
-    (n,) = _LEN.unpack(_recv_exact(sock, 4, deadline))
-    if n > MAX_MESSAGE:
-        raise ConnectionResetError(f"control message of {n} bytes refused")
-    return msgpack.unpackb(_recv_exact(sock, n, deadline), raw=False)
-
-
-def error_reply(exc: BaseException) -> dict[str, str]:
-    name = type(exc).__name__ if isinstance(exc, ECTransferError) else "ECTransferError"
-    return {"error": name, "message": str(exc)}
+# The framing and the typed error replies are the package's own (ectransfer.framing).
+send_message = send_frame
+recv_message = recv_frame
 
 
 def raise_error_reply(reply: dict[str, Any]) -> None:
-    if "error" in reply:
-        cls = getattr(_errors, str(reply["error"]), None)
-        if not (isinstance(cls, type) and issubclass(cls, ECTransferError)):
-            cls = ECTransferError
-        raise cls(str(reply.get("message", "")))
+    exc = error_from_reply(reply)
+    if exc is not None:
+        raise exc
 
 
 class ControlServer:
@@ -143,7 +108,7 @@ class ControlServer:
                     return
                 try:
                     if not isinstance(request, dict):
-                        raise _errors.ConfigError("control request must be a map")
+                        raise ConfigError("control request must be a map")
                     reply = self._handler(request)
                 except Exception as exc:
                     if not isinstance(exc, ECTransferError):
