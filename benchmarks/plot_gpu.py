@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ectransfer.bench.plot import write_plot  # noqa: E402
+from ectransfer.bench.plot import write_plot
 
 RESULTS = Path(__file__).parent / "results"
 
