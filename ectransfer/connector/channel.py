@@ -36,6 +36,7 @@ __all__ = ["ChannelClient", "ChannelServer", "channel_address"]
 log = logging.getLogger(__name__)
 
 _SO_PEERCRED_FMT = "3i"
+_MAX_BACKLOG = 4096  # messages kept per unreachable worker
 
 
 def channel_address(engine_id: str, dp_rank: int, tp_rank: int) -> str:
@@ -179,7 +180,10 @@ class ChannelClient:
         """Send ``msg`` to every worker (backlogged for workers not reachable yet)."""
         with self._lock:
             for address in self.addresses:
-                self._backlog[address].append(msg)
+                backlog = self._backlog[address]
+                backlog.append(msg)
+                if len(backlog) > _MAX_BACKLOG:  # a worker that never comes: its fetches time out anyway
+                    del backlog[: len(backlog) - _MAX_BACKLOG]
                 self._flush(address)
 
     def _flush(self, address: str) -> None:
