@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "INVALID_KEYS", "MUTATIONS", "BackendTests", "make_tensor", "same_bits"]
+__all__ = ["DTYPES", "INVALID_KEYS", "MUTATIONS", "BackendTests", "eventually", "make_tensor", "same_bits"]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.uint8]
@@ -106,6 +107,21 @@ MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "impossible_header_length": _bad_header_len,
     "garbage": lambda b: b"\xde\xad\xbe\xef" * 64,
 }
+
+
+def eventually(call: Callable[[], Any], errors: tuple[type[BaseException], ...], timeout_s: float,
+               interval_s: float = 0.2) -> Any:
+    """``call()`` until it does not raise one of ``errors``, for at most ``timeout_s`` (then the
+    last error propagates): e.g. the first call after a server restart may still meet the dead
+    connection."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except errors:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval_s)
 
 
 def __getattr__(name: str) -> Any:

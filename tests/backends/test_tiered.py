@@ -33,7 +33,7 @@ from ectransfer import (
 from ectransfer.backend import Backend
 from ectransfer.backends.memory import MemoryBackend
 from ectransfer.backends.tiered import TieredBackend, TieredConfig
-from ectransfer.testing import MUTATIONS, BackendTests, make_tensor, same_bits
+from ectransfer.testing import MUTATIONS, BackendTests, eventually, make_tensor, same_bits
 from ectransfer.testing.servers import SpawnedServer
 from tests.faults.target_tiered import corrupt_tiers, tiered_url
 
@@ -518,15 +518,7 @@ def test_redis_down_degrades_as_documented_and_never_returns_a_wrong_tensor(own_
         assert be.tiers[0].exists(["cached"]) == [False]
         assert be.stats()["tier1_errors"] >= 5
         _redis_servers().restart(own_redis)
-        deadline = time.monotonic() + 15
-        while True:  # the first call after a restart may still meet the dead connection
-            try:
-                be.put("after", torch.full((4,), 3.0))
-                break
-            except NETWORK_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        eventually(lambda: be.put("after", torch.full((4,), 3.0)), NETWORK_ERRORS, 15)
         assert same_bits(be.get("after"), torch.full((4,), 3.0))
 
 

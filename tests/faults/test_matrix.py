@@ -22,7 +22,7 @@ from ectransfer import (
     InvalidKeyError,
     TransferTimeoutError,
 )
-from ectransfer.testing import MUTATIONS, make_tensor, same_bits
+from ectransfer.testing import MUTATIONS, eventually, make_tensor, same_bits
 from ectransfer.testing.proxy import StallingProxy
 from tests.faults.targets import Target
 
@@ -271,15 +271,7 @@ def test_server_restarted(target: Target, observe: Any) -> None:
         with pytest.raises(NETWORK_ERRORS + (EntryNotFoundError,)):
             be.get("before")
         target.restart_server()
-        deadline = time.monotonic() + TIMEOUT_S + SLACK_S
-        while True:  # the first call after a restart may still see the dead connection
-            try:
-                be.put("after", torch.full((4,), 3.0))
-                break
-            except NETWORK_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        eventually(lambda: be.put("after", torch.full((4,), 3.0)), NETWORK_ERRORS, TIMEOUT_S + SLACK_S)
         assert torch.equal(be.get("after"), torch.full((4,), 3.0))
         observe("typed error while down; reconnects after restart")
     finally:
