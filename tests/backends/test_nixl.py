@@ -7,6 +7,8 @@ UCX_NET_DEVICES=lo and UCX_MODULES='^ib*' come from tests/conftest.py (children 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +137,34 @@ def test_no_nixl_agent_before_data_moves(fleet: ProducerFleet) -> None:
         assert prod.stats()["serving"] and prod.stats()["agent"] is None  # listening, no agent yet
         prod.put("k", torch.ones(3))
         assert prod.stats()["agent"] is not None and prod.arena_used_bytes() > 0
+
+
+_IDLE_CPU_SCRIPT = """
+import os, sys, time, torch
+from ectransfer import open_backend
+from ectransfer.testing.servers import free_port
+url = f"nixl://127.0.0.1:{free_port()}"
+with open_backend(url, role="producer", arena_bytes="8MiB") as prod, \\
+        open_backend(url, role="consumer", exists_cache_s=0) as cons:
+    prod.put("k", torch.ones(1000))
+    assert torch.equal(cons.get("k"), torch.ones(1000))  # both agents exist and have talked
+    import nixl._api as api
+    assert not type(api.nixlBind).__name__.startswith("_Delaying"), "nixl's bindings were not restored"
+    t0 = time.process_time()
+    time.sleep(1.0)
+    print("IDLE_CPU", time.process_time() - t0, flush=True)
+os._exit(0)
+"""
+
+
+def test_idle_agents_do_not_spin() -> None:
+    """NIXL's Python API starts a progress thread that polls without sleeping (one core per
+    agent, idle or not): the producer's must wait for events, the consumer has none."""
+    proc = subprocess.run([sys.executable, "-c", _IDLE_CPU_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cpu = float(proc.stdout.split("IDLE_CPU")[1].split()[0])
+    # A spinning thread costs about 1 CPU-second per second; idle agents cost a few ms.
+    assert cpu < 0.3, f"{cpu:.2f} CPU-seconds in one idle second: a NIXL thread spins"
 
 
 def test_exists_is_cheap_with_a_stalled_producer(fleet: ProducerFleet) -> None:
@@ -318,14 +348,18 @@ def test_raw_baseline_moves_the_same_bytes(peer_process: bool) -> None:
     from ectransfer.codec import payload_view
 
     raw = Raw("nixl://127.0.0.1:1", {"arena_bytes": "4MiB"}, peer_process=peer_process)
+    pusher = Raw("nixl://127.0.0.1:1", {"arena_bytes": "4MiB"}, peer_process=peer_process, push=True)
     try:
         data = make_tensor((1 << 20,), torch.uint8, seed=3)
         raw.write("k", payload_view(data))
         out = torch.zeros_like(data)
         raw.read_into("k", payload_view(out))
         assert same_bits(out, data)
+        with pytest.raises(ValueError, match="push=True"):
+            raw.push_into("k", payload_view(out))
+        pusher.write("k", payload_view(data))
         pushed = torch.zeros_like(data)
-        raw.push_into("k", payload_view(pushed))
+        pusher.push_into("k", payload_view(pushed))
         assert same_bits(pushed, data)
         for i in range(8):  # deleting frees the peer's space for the next items
             raw.delete(f"x{i - 1}")
@@ -333,4 +367,5 @@ def test_raw_baseline_moves_the_same_bytes(peer_process: bool) -> None:
         with pytest.raises(CapacityError):
             raw.write("too-big", payload_view(torch.zeros(8 << 20, dtype=torch.uint8)))
     finally:
+        pusher.close()
         raw.close()

@@ -71,7 +71,8 @@ class NixlBackend(Backend[NixlConfig]):
     def _get_agent(self) -> Agent:
         with self._lock:
             if self._agent is None:
-                self._agent = Agent(self.config.role, self.config.nixl_backend)
+                self._agent = Agent(self.config.role, self.config.nixl_backend,
+                                    progress=self.config.role != "consumer")
             return self._agent
 
     def _producer_for_put(self) -> Producer:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ectransfer.errors import BackendConnectionError, BackendUnavailableError, TransferTimeoutError
 
-__all__ = ["Agent", "import_nixl"]
+__all__ = ["PROGRESS_DELAY_US", "Agent", "import_nixl", "new_nixl_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ Region = tuple[int, int, int]  # (address, length, device id)
 # Measured on loopback (docs/backends/nixl.md): sleeping between polls from the first one
 # halved throughput on a busy 2-core host, where a sleeping thread waits long to run again.
 _SPIN_S = 0.05
+
+#: microseconds NIXL's UCX progress thread may sleep in poll() between wake-ups (it wakes at
+#: once on worker events). NIXL's Python API hard-codes 0, which makes that thread spin: one
+#: full core per agent, even idle (measured: 1.0 CPU-second per second per agent).
+PROGRESS_DELAY_US = 1000
+
+_create_lock = threading.Lock()
 
 
 def import_nixl() -> Any:
@@ -40,10 +47,62 @@ def import_nixl() -> Any:
     return _api
 
 
-class Agent:
-    """A NIXL agent with one transport plugin (``UCX`` by default)."""
+class _DelayingBindings:
+    """NIXL's binding module, except that agents it creates get :data:`PROGRESS_DELAY_US`."""
 
-    def __init__(self, role: str, plugin: str) -> None:
+    def __init__(self, bindings: Any) -> None:
+        self._bindings = bindings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bindings, name)
+
+    def nixlAgent(self, name: str, config: Any) -> Any:  # the binding's name
+        config.pthrDelay = max(int(config.pthrDelay), PROGRESS_DELAY_US)
+        return self._bindings.nixlAgent(name, config)
+
+
+def new_nixl_agent(name: str, plugin: str = "UCX", *, progress: bool, **options: Any) -> Any:
+    """A ``nixl_agent`` with one plugin; its progress thread (``progress``) waits, not spins.
+
+    ``options`` go to ``nixl_agent_config``. Also what the raw NIXL baseline of the bench uses,
+    so both sides of that comparison run the same agent configuration.
+    """
+    api = import_nixl()
+    config = api.nixl_agent_config(enable_prog_thread=progress, enable_listen_thread=False, backends=[plugin],
+                                   **options)
+    return _create(api, name, config, progress)
+
+
+def _create(api: Any, name: str, config: Any, progress: bool) -> Any:
+    """``api.nixl_agent(name, config)``; a progress thread, if any, waits instead of spinning.
+
+    ``nixl_agent`` builds the C++ agent config itself and sets ``pthrDelay = 0``; the only
+    way to a different value is its module-level ``nixlBind``, swapped here for the length of
+    the constructor (a proxy that forwards everything else). A NIXL without that attribute or
+    field gets its own default.
+    """
+    bindings = getattr(api, "nixlBind", None)
+    if not progress or bindings is None or not hasattr(bindings, "nixlAgentConfig") \
+            or not hasattr(bindings.nixlAgentConfig(), "pthrDelay"):
+        return api.nixl_agent(name, config)
+    with _create_lock:
+        api.nixlBind = _DelayingBindings(bindings)
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind = bindings
+
+
+class Agent:
+    """A NIXL agent with one transport plugin (``UCX`` by default).
+
+    ``progress``: whether the agent runs NIXL's progress thread. A serving agent (the
+    producer's) needs it: UCX only answers a consumer's connection set-up while its worker
+    progresses. An agent that only initiates READs does not (checking a transfer's state
+    progresses its worker), and without the thread a READ measured faster on a 2-core host.
+    """
+
+    def __init__(self, role: str, plugin: str, *, progress: bool = True) -> None:
         api = import_nixl()
         self.name = f"ectransfer-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # The backend's primitives run on a thread pool: NIXL's reader-writer mode keeps the
@@ -52,9 +111,7 @@ class Agent:
         sync = getattr(api, "nixl_thread_sync_t", None)
         extra = {"sync_mode": sync.NIXL_THREAD_SYNC_RW} if sync is not None else {}
         try:
-            config = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=[plugin],
-                                           **extra)
-            self._agent = api.nixl_agent(self.name, config)
+            self._agent = new_nixl_agent(self.name, plugin, progress=progress, **extra)
         except Exception as exc:
             raise BackendUnavailableError(f"cannot create a NIXL agent with plugin {plugin!r}: {exc}") from exc
         if plugin not in self._agent.backends:

@@ -36,10 +36,12 @@ __all__ = ["Raw"]
 _DEFAULT_PEER_BYTES = 1 << 30
 
 
-def _agent(name: str) -> Any:
-    from nixl._api import nixl_agent, nixl_agent_config
+def _agent(name: str, *, serves: bool) -> Any:
+    """An agent configured as the backend's: a progress thread (waiting, not spinning) only
+    where the agent is the passive side of transfers (see :mod:`ectransfer.backends.nixl.agent`)."""
+    from ectransfer.backends.nixl.agent import new_nixl_agent
 
-    return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    return new_nixl_agent(name, progress=serves)
 
 
 def _wait(agent: Any, handle: Any, timeout_s: float) -> None:
@@ -65,7 +67,7 @@ class _LocalPeer:
     def __init__(self, size: int) -> None:
         import torch
 
-        self.agent = _agent(f"raw-peer-{os.getpid()}-{id(self):x}")
+        self.agent = _agent(f"raw-peer-{os.getpid()}-{id(self):x}", serves=True)
         self.buf = torch.zeros(size, dtype=torch.uint8)
         self.registration = self.agent.register_memory([(self.buf.data_ptr(), size, 0, "")], "DRAM")
         self.addr, self.size = int(self.buf.data_ptr()), size
@@ -143,17 +145,19 @@ class Raw(RawClient):
     """Two NIXL agents and nothing of ectransfer in between (see the module docstring).
 
     The peer agent lives in this process by default (as the bench's producer does), or in a
-    child process with ``peer_process=True``.
+    child process with ``peer_process=True``. ``push=True`` gives our agent a progress thread,
+    which :meth:`push_into` needs (the peer's WRITE into our buffer needs us to progress).
     """
 
-    def __init__(self, url: str, options: dict[str, Any], *, peer_process: bool = False) -> None:
+    def __init__(self, url: str, options: dict[str, Any], *, peer_process: bool = False, push: bool = False) -> None:
         super().__init__(url, options)
         from ectransfer.backends.nixl.arena import Allocator
 
         size = parse_size(options.get("arena_bytes", _DEFAULT_PEER_BYTES), what="arena_bytes")
         self.timeout_s = float(options.get("timeout_s", 30.0))
         self._peer: _LocalPeer | _ProcessPeer = _ProcessPeer(size) if peer_process else _LocalPeer(size)
-        self._agent = _agent(f"raw-initiator-{os.getpid()}-{id(self):x}")
+        self._push = push
+        self._agent = _agent(f"raw-initiator-{os.getpid()}-{id(self):x}", serves=push)
         self._peer_name = self._agent.add_remote_agent(self._peer.metadata())
         self._space = Allocator(self._peer.size)
         self._slots: dict[str, Any] = {}
@@ -201,6 +205,8 @@ class Raw(RawClient):
         A push target must be known to the peer before the WRITE, so ``out`` stays registered
         (like a receive buffer registered once) and the peer gets fresh metadata when it grows.
         """
+        if not self._push:
+            raise ValueError("push_into needs Raw(..., push=True): the peer's WRITE needs our agent to progress")
         slot = self._slots[name]
         view = memoryview(out).cast("B")
         addr = _address(view)
@@ -227,7 +233,7 @@ def _serve_peer(size: int, port: int) -> None:
 
     from ectransfer.backends.nixl.control import recv_message, send_message
 
-    agent = _agent(f"raw-peer-{os.getpid()}")
+    agent = _agent(f"raw-peer-{os.getpid()}", serves=True)
     buf = torch.zeros(size, dtype=torch.uint8)
     agent.register_memory([(buf.data_ptr(), size, 0, "")], "DRAM")
     listener = socket.create_server(("127.0.0.1", port))
@@ -270,10 +276,12 @@ def _measure(argv: list[str]) -> int:
     outs = [torch.empty(n, dtype=torch.uint8) for _ in range(args.count)]
     opts = {"arena_bytes": max(2 * n * args.count, 64 << 20), "recv_buffer_bytes": 2 * n, "landing": args.landing}
     raw = Raw("", opts, peer_process=True)
+    pusher = Raw("", opts, peer_process=True, push=True)
     pair = open_peer_pair(f"nixl://127.0.0.1:{free_port()}", opts)
     try:
         for i, t in enumerate(items):
             raw.write(f"k{i}", payload_view(t))
+            pusher.write(f"k{i}", payload_view(t))
             pair.put(f"k{i}", t)
 
         def timed(fn: Any) -> float:
@@ -287,7 +295,7 @@ def _measure(argv: list[str]) -> int:
         for _ in range(args.repeat):  # interleaved, so load changes hit every variant alike
             runs["raw READ (pull)"].append(timed(lambda i: raw.read_into(f"k{i}", payload_view(outs[i]))))
             runs["raw WRITE on request (push)"].append(
-                timed(lambda i: raw.push_into(f"k{i}", payload_view(outs[i]))))
+                timed(lambda i: pusher.push_into(f"k{i}", payload_view(outs[i]))))
             runs[f"backend get_into ({args.landing})"].append(timed(lambda i: pair.get_into(f"k{i}", outs[i])))
             runs["backend get"].append(timed(lambda i: pair.get(f"k{i}")))
         assert all(torch.equal(o, t) for o, t in zip(outs, items))
@@ -298,6 +306,7 @@ def _measure(argv: list[str]) -> int:
             print(f"  {name:32s} {med:9.0f}  {med / base:5.2f}x   [{min(values):.0f}-{max(values):.0f}]")
     finally:
         pair.close()
+        pusher.close()
         raw.close()
     return 0
 
