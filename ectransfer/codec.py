@@ -33,6 +33,7 @@ import xxhash
 from ectransfer.errors import CorruptEntryError, IncompatibleTensorError
 
 __all__ = [
+    "COPY_PIECE",
     "FORMAT_VERSION",
     "TENSOR_NAME",
     "Checksum",
@@ -110,6 +111,10 @@ class Checksum:
         return "xxh3_64:" + self._h.hexdigest()
 
 
+#: granule of :meth:`EncodedEntry.copy_into`: one piece stays in cache between copy and hash
+COPY_PIECE = 1 << 20
+
+
 @dataclass(frozen=True)
 class EncodedEntry:
     """An encoded entry: ``header`` then ``payload`` (a view of the tensor's storage).
@@ -145,6 +150,27 @@ class EncodedEntry:
         if len(checksum) != len(_PLACEHOLDER):
             raise ValueError(f"checksum {checksum!r} has the wrong length")
         return self.header.replace(_PLACEHOLDER.encode(), checksum.encode(), 1)
+
+    def copy_into(self, view: np.ndarray) -> bytes:
+        """Copy the whole entry into the uint8 array ``view`` and return the header written.
+
+        A deferred checksum is computed from the copy, one :data:`COPY_PIECE` at a time while
+        that piece is still in cache (one pass over the payload instead of two), and the
+        sealed header is written last: what ``view`` holds is what the checksum vouches for.
+        """
+        h, n = len(self.header), len(self.payload)
+        if len(view) < h + n:
+            raise ValueError(f"entry of {h + n} bytes does not fit in {len(view)}")
+        src = np.frombuffer(self.payload, dtype=np.uint8)
+        checksum = None if self.sealed else self.checksum()
+        for start in range(0, n, COPY_PIECE):
+            dst = view[h + start : h + min(start + COPY_PIECE, n)]
+            np.copyto(dst, src[start : start + len(dst)])
+            if checksum is not None:
+                checksum.update(dst)
+        header = self.header if checksum is None else self.seal(checksum.value())
+        view[:h] = np.frombuffer(header, dtype=np.uint8)
+        return header
 
 
 def _checksum(dtype_name: str, shape: tuple[int, ...], namespace: str, payload: Any) -> str:

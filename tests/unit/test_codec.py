@@ -138,3 +138,24 @@ def test_aligned_payload_still_reads_with_safetensors(align: int) -> None:
     assert len(entry.header) % align == 0
     assert same_bits(load(entry.to_bytes())["ec_cache"], t)
     assert same_bits(decode(entry.to_bytes()), t)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("shape", [(0,), (7, 3), (1100, 1000)])  # empty, tiny, more than one COPY_PIECE
+def test_copy_into_writes_the_entry_with_its_checksum(deferred: bool, shape: tuple[int, ...]) -> None:
+    import numpy as np
+
+    from ectransfer.codec import COPY_PIECE
+
+    t = make_tensor(shape, torch.float16, seed=7)
+    entry = encode(t, "ns", align=256, defer_checksum=deferred)
+    view = np.full(entry.nbytes + 5, 0xAB, dtype=np.uint8)
+    header = entry.copy_into(view)
+    if shape == (1100, 1000):
+        assert len(entry.payload) > COPY_PIECE
+    assert header == encode(t, "ns", align=256).header  # sealed: the same checksum as one shot
+    assert bytes(view[:entry.nbytes]) == header + bytes(entry.payload)
+    assert bytes(view[entry.nbytes:]) == b"\xab" * 5  # nothing written past the entry
+    assert same_bits(decode(bytes(view[:entry.nbytes]), namespace="ns"), t)
+    with pytest.raises(ValueError, match="does not fit"):
+        entry.copy_into(np.zeros(entry.nbytes - 1, dtype=np.uint8))

@@ -46,13 +46,11 @@ from ectransfer.backends.mooncake.arena import ALIGN, Slot, StagingArena
 from ectransfer.backends.mooncake.calls import CallRunner
 from ectransfer.backends.mooncake.codes import TRANSIENT_READ, TRANSIENT_WRITE, error_for
 from ectransfer.backends.mooncake.config import HEADER_ALLOWANCE, MooncakeConfig
-from ectransfer.codec import EncodedEntry, decode, encode
+from ectransfer.codec import decode, encode
 from ectransfer.config import BackendConfig
 from ectransfer.errors import BackendUnavailableError, CorruptEntryError, TransferTimeoutError
 
 __all__ = ["MooncakeBackend"]
-
-_PIECE = 1 << 20  # copy-and-hash granule: one piece stays in cache between the two
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,19 +157,6 @@ class MooncakeBackend(Backend[MooncakeConfig]):
     def _mkey(self, skey: str) -> str:
         return self.config.key_prefix + skey
 
-    @staticmethod
-    def _fill(view: np.ndarray, entry: EncodedEntry) -> None:
-        """Copy ``entry`` (encoded with a deferred checksum) into ``view``, hashing each copied
-        piece while it is in cache, then write the sealed header: one pass over the payload."""
-        h = len(entry.header)
-        checksum = entry.checksum()
-        src = np.frombuffer(entry.payload, dtype=np.uint8)
-        for start in range(0, len(src), _PIECE):
-            dst = view[h + start : h + min(start + _PIECE, len(src))]
-            np.copyto(dst, src[start : start + len(dst)])
-            checksum.update(dst)  # what the slot holds is what the checksum vouches for
-        view[:h] = np.frombuffer(entry.seal(checksum.value()), dtype=np.uint8)
-
     # ----------------------------------------------------------------- writes
     def _upsert(self, skey: str, ptr: int, nbytes: int, slot: Slot, deadline: float) -> None:
         mkey = self._mkey(skey)
@@ -192,7 +177,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
         arena = self._staging()
         slot = arena.acquire(entry.nbytes, deadline, what=f"put {skey!r}")
         try:
-            self._fill(arena.view(slot), entry)
+            entry.copy_into(arena.view(slot))
             with self._write_locks([skey], deadline):
                 self._upsert(skey, slot.ptr, entry.nbytes, slot, deadline)
         finally:
@@ -208,7 +193,7 @@ class MooncakeBackend(Backend[MooncakeConfig]):
             try:
                 view, offsets, off = arena.view(slot), [], 0
                 for _, entry in chunk:
-                    self._fill(view[off:], entry)
+                    entry.copy_into(view[off:])
                     offsets.append(off)
                     off += entry.nbytes
                 keys = [k for k, _ in chunk]

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ectransfer.backends.nixl.agent import Agent
-from ectransfer.backends.nixl.arena import Arena, Slot
+from ectransfer.backends.nixl.arena import ALIGN, Arena, Slot
 from ectransfer.backends.nixl.config import NixlConfig
 from ectransfer.backends.nixl.control import ControlServer
-from ectransfer.codec import encode, header_length
+from ectransfer.codec import EncodedEntry, encode, header_length
 from ectransfer.errors import CapacityError, ConfigError, CorruptEntryError, EntryNotFoundError
 
 __all__ = ["Producer"]
@@ -83,8 +83,10 @@ class Producer:
 
     # ----------------------------------------------------------------- writes
     def put(self, skey: str, tensor: torch.Tensor) -> None:
-        entry = encode(tensor, self._namespace)
-        self._store(skey, [entry.header, entry.payload], entry.nbytes, len(entry.header))
+        # The payload starts on a slot-aligned address: a READ from an address that shares no
+        # alignment with the destination measured 15-25% slower (UCX cma, 9.3 MB).
+        entry = encode(tensor, self._namespace, align=ALIGN, defer_checksum=True)
+        self._store(skey, entry, entry.nbytes, len(entry.header))
 
     def store_entry_bytes(self, skey: str, data: bytes) -> None:
         """Store ``data`` as the entry of ``skey`` as-is, unvalidated (fault injection in tests)."""
@@ -92,9 +94,10 @@ class Producer:
             head_len = min(header_length(data[:8]), len(data))
         except CorruptEntryError:
             head_len = min(len(data), 8)
-        self._store(skey, [data], len(data), head_len)
+        self._store(skey, data, len(data), head_len)
 
-    def _store(self, skey: str, parts: list[bytes | memoryview], total: int, head_len: int) -> None:
+    def _store(self, skey: str, data: EncodedEntry | bytes, total: int, head_len: int) -> None:
+        """Copy ``data`` (an entry, or raw bytes in fault tests) into a slot and publish it."""
         arena = self._ensure_arena()
         with self._cond:
             if total > arena.capacity:
@@ -104,8 +107,7 @@ class Producer:
                 )
             slot = self._alloc(arena, skey, total)
         try:
-            arena.write(slot, parts)
-            head = bytes(parts[0][:head_len]) if len(parts) == 1 else bytes(parts[0])
+            head = arena.write(slot, data)[:head_len]
         except BaseException:
             with self._cond:
                 self._free_slot(slot)
