@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "Checksum",
     "EncodedEntry",
     "EntryHeader",
+    "HashBeside",
     "decode",
     "encode",
     "header_length",
@@ -111,6 +114,36 @@ class Checksum:
         return "xxh3_64:" + self._h.hexdigest()
 
 
+class _Sink(Protocol):
+    def update(self, piece: Any) -> None: ...
+
+
+class HashBeside:
+    """``sink.update(piece)`` for every :meth:`put` piece, in order, on a thread of ``pool``.
+
+    xxhash releases the GIL on large inputs, as do ``os.preadv``, numpy copies and NIXL's
+    ``transfer()``: a piece that has landed can be hashed on a second core while the caller
+    moves the next one. :meth:`finish` waits until every piece is taken in (re-raising what the
+    sink raised); call it exactly once, also on error paths, so the pool thread is never left
+    waiting.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, sink: _Sink) -> None:
+        self._pieces: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._future: Future[None] = pool.submit(self._drain, sink)
+
+    def _drain(self, sink: _Sink) -> None:
+        while (piece := self._pieces.get()) is not None:
+            sink.update(piece)
+
+    def put(self, piece: Any) -> None:
+        self._pieces.put(piece)
+
+    def finish(self) -> None:
+        self._pieces.put(None)
+        self._future.result()
+
+
 #: granule of :meth:`EncodedEntry.copy_into`: one piece stays in cache between copy and hash
 COPY_PIECE = 1 << 20
 
@@ -151,23 +184,32 @@ class EncodedEntry:
             raise ValueError(f"checksum {checksum!r} has the wrong length")
         return self.header.replace(_PLACEHOLDER.encode(), checksum.encode(), 1)
 
-    def copy_into(self, view: np.ndarray) -> bytes:
+    def copy_into(self, view: np.ndarray, beside: ThreadPoolExecutor | None = None) -> bytes:
         """Copy the whole entry into the uint8 array ``view`` and return the header written.
 
         A deferred checksum is computed from the copy, one :data:`COPY_PIECE` at a time while
         that piece is still in cache (one pass over the payload instead of two), and the
         sealed header is written last: what ``view`` holds is what the checksum vouches for.
+        With ``beside`` (a pool) each copied piece is hashed on a pool thread while the next
+        one is copied (:class:`HashBeside`).
         """
         h, n = len(self.header), len(self.payload)
         if len(view) < h + n:
             raise ValueError(f"entry of {h + n} bytes does not fit in {len(view)}")
         src = np.frombuffer(self.payload, dtype=np.uint8)
         checksum = None if self.sealed else self.checksum()
-        for start in range(0, n, COPY_PIECE):
-            dst = view[h + start : h + min(start + COPY_PIECE, n)]
-            np.copyto(dst, src[start : start + len(dst)])
-            if checksum is not None:
-                checksum.update(dst)
+        hashing = HashBeside(beside, checksum) if checksum is not None and beside is not None else None
+        try:
+            for start in range(0, n, COPY_PIECE):
+                dst = view[h + start : h + min(start + COPY_PIECE, n)]
+                np.copyto(dst, src[start : start + len(dst)])
+                if hashing is not None:
+                    hashing.put(dst)
+                elif checksum is not None:
+                    checksum.update(dst)
+        finally:
+            if hashing is not None:
+                hashing.finish()
         header = self.header if checksum is None else self.seal(checksum.value())
         view[:h] = np.frombuffer(header, dtype=np.uint8)
         return header

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import queue
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from ectransfer.backends._layout import ENTRY_FILE, TMP_PREFIX, entry_parts
 from ectransfer.codec import (
     Checksum,
     EntryHeader,
+    HashBeside,
     PayloadVerifier,
     check_destination,
     encode,
@@ -121,22 +121,13 @@ def _update_in_pieces(checksum: Checksum, payload: memoryview, fd: int | None = 
             _write_all(fd, piece)
 
 
-def _drain(pieces: queue.SimpleQueue[memoryview | None], verifier: PayloadVerifier) -> None:
-    while (piece := pieces.get()) is not None:
-        verifier.update(piece)
-
-
 def _read_verified(fd: int, view: memoryview, offset: int, verifier: PayloadVerifier,
                    hasher: ThreadPoolExecutor) -> int:
     """Fill ``view`` from ``offset`` piece by piece, feeding ``verifier``; return bytes read.
 
     For large payloads a second thread hashes each piece while the next one is read.
     """
-    pieces: queue.SimpleQueue[memoryview | None] | None = None
-    future = None
-    if len(view) >= _PARALLEL_MIN:
-        pieces = queue.SimpleQueue()
-        future = hasher.submit(_drain, pieces, verifier)
+    beside = HashBeside(hasher, verifier) if len(view) >= _PARALLEL_MIN else None
     got = 0
     try:
         while got < len(view):
@@ -144,15 +135,14 @@ def _read_verified(fd: int, view: memoryview, offset: int, verifier: PayloadVeri
             n = os.preadv(fd, [piece], offset + got)
             if n == 0:
                 break
-            if pieces is not None:
-                pieces.put(piece[:n])
+            if beside is not None:
+                beside.put(piece[:n])
             else:
                 verifier.update(piece[:n])
             got += n
     finally:
-        if pieces is not None and future is not None:
-            pieces.put(None)
-            future.result()
+        if beside is not None:
+            beside.finish()
     return got
 
 

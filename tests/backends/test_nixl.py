@@ -21,6 +21,7 @@ from ectransfer import (
     BackendConnectionError,
     CapacityError,
     ConfigError,
+    CorruptEntryError,
     EntryNotFoundError,
     TransferTimeoutError,
     open_backend,
@@ -99,6 +100,7 @@ def test_url_lists_producers_and_options() -> None:
     ("nixl://h:1/path", {}, "path"),
     ("nixl://h:1", {"role": "master"}, "role"),
     ("nixl://h:1", {"landing": "teleport"}, "landing"),
+    ("nixl://h:1", {"hash_beside": "sometimes"}, "hash_beside"),
     ("nixl://h:1", {"arena_bytes": "lots"}, "arena_bytes"),
     ("nixl://h:1", {"lease_s": 0}, "lease_s"),
     ("nixl://h:1", {"lookup_timeout_s": -1}, "lookup_timeout_s"),
@@ -339,6 +341,56 @@ def test_buffer_landing_round_trips_and_frees_its_buffer(fleet: ProducerFleet) -
         with pytest.raises(CapacityError, match="recv_buffer_bytes"):
             be.get("too-big")
         be.release(["buf", "too-big"])
+
+
+def test_hash_beside_reads_large_entries_in_pieces_and_catches_damage(fleet: ProducerFleet,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from ectransfer.backends.nixl import agent as agent_module
+    from ectransfer.backends.nixl.config import BESIDE_MIN
+    from ectransfer.backends.nixl.consumer import _PIECE
+
+    reads: list[list[int]] = []
+    real_read = agent_module.Agent.read
+
+    def counting_read(self: Any, peer: str, local: Any, remote: Any, **kw: Any) -> None:
+        reads.append([n for _, n, _ in remote])
+        real_read(self, peer, local, remote, **kw)
+
+    monkeypatch.setattr(agent_module.Agent, "read", counting_read)
+    writer = fleet.producer("")
+    big = make_tensor((BESIDE_MIN + 1234,), torch.uint8, seed=8)  # not a whole number of pieces
+    small = make_tensor((100, 30), torch.bfloat16, seed=9)
+    pieces = -(-big.numel() // _PIECE)
+    assert pieces >= 3
+    writer.put("big", big)
+    writer.put("small", small)
+    with open_backend(fleet.url(), role="consumer", hash_beside="on", exists_cache_s=0) as be:
+        outs = [torch.empty_like(big), torch.empty_like(small)]
+        be.get_many_into(["big", "small"], outs)
+        assert same_bits(outs[0], big) and same_bits(outs[1], small)
+        assert [len(r) for r in reads] == [1] * (1 + pieces), reads  # the small one, then big piece by piece
+        assert sum(n for r in reads[1:] for n in r) == big.numel()
+        stored = fleet.call("", "entry_bytes", "big")
+        for where in (len(stored) - 1, len(stored) - big.numel()):  # last byte of the last / first piece
+            damaged = bytearray(stored)
+            damaged[where] ^= 0x40
+            fleet.call("", "store_entry_bytes", "big", bytes(damaged))
+            with pytest.raises(CorruptEntryError, match="checksum"):
+                be.get_into("big", outs[0])
+        be.release(["big", "small"])
+
+
+def test_hash_beside_producer_seals_what_it_copied() -> None:
+    """A producer with hash_beside=on hashes large entries on a second thread as it copies them
+    into its arena: a consumer that verifies in one pass (off) gets them bit-exact."""
+    url = f"nixl://127.0.0.1:{free_port()}"
+    big = make_tensor((5 << 20,), torch.uint8, seed=10)
+    with open_backend(url, role="producer", arena_bytes="16MiB", hash_beside="on") as prod, \
+            open_backend(url, role="consumer", hash_beside="off", exists_cache_s=0) as cons:
+        assert prod.config.hashes_beside and not cons.config.hashes_beside
+        prod.put("big", big)
+        assert same_bits(cons.get("big"), big)
+        cons.release(["big"])
 
 
 # ------------------------------------------------------------------------- raw baseline

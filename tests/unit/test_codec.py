@@ -140,9 +140,12 @@ def test_aligned_payload_still_reads_with_safetensors(align: int) -> None:
     assert same_bits(decode(entry.to_bytes()), t)
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["hash-inline", "hash-beside"])
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("shape", [(0,), (7, 3), (1100, 1000)])  # empty, tiny, more than one COPY_PIECE
-def test_copy_into_writes_the_entry_with_its_checksum(deferred: bool, shape: tuple[int, ...]) -> None:
+def test_copy_into_writes_the_entry_with_its_checksum(deferred: bool, shape: tuple[int, ...], beside: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from ectransfer.codec import COPY_PIECE
@@ -150,7 +153,8 @@ def test_copy_into_writes_the_entry_with_its_checksum(deferred: bool, shape: tup
     t = make_tensor(shape, torch.float16, seed=7)
     entry = encode(t, "ns", align=256, defer_checksum=deferred)
     view = np.full(entry.nbytes + 5, 0xAB, dtype=np.uint8)
-    header = entry.copy_into(view)
+    with ThreadPoolExecutor(2) as pool:
+        header = entry.copy_into(view, pool if beside else None)
     if shape == (1100, 1000):
         assert len(entry.payload) > COPY_PIECE
     assert header == encode(t, "ns", align=256).header  # sealed: the same checksum as one shot

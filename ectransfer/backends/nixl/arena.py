@@ -8,6 +8,7 @@ shared first-fit :class:`~ectransfer.backends._slots.Allocator`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,15 +60,15 @@ class Arena:
         arr = self.tensor.numpy()[slot.offset : slot.offset + slot.length]
         return memoryview(arr).cast("B")  # type: ignore[arg-type]
 
-    def write(self, slot: Slot, data: EncodedEntry | bytes) -> bytes:
+    def write(self, slot: Slot, data: EncodedEntry | bytes, beside: ThreadPoolExecutor | None = None) -> bytes:
         """Fill ``slot`` with ``data``: an entry (its deferred checksum computed from the copy,
-        :meth:`EncodedEntry.copy_into`) or raw bytes. Returns the entry's (sealed) header, or
-        the raw bytes themselves."""
+        :meth:`EncodedEntry.copy_into`, hashing on ``beside`` if given) or raw bytes. Returns
+        the entry's (sealed) header, or the raw bytes themselves."""
         if isinstance(data, EncodedEntry):
             if self.device.type == "cpu":
-                return data.copy_into(self.tensor.numpy()[slot.offset : slot.offset + slot.length])
+                return data.copy_into(self.tensor.numpy()[slot.offset : slot.offset + slot.length], beside)
             host = np.empty(data.nbytes, dtype=np.uint8)
-            header = data.copy_into(host)
+            header = data.copy_into(host, beside)
         else:
             host, header = np.frombuffer(data, dtype=np.uint8), bytes(data)
         if self.device.type == "cpu":

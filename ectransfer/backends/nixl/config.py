@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -10,10 +11,13 @@ from urllib.parse import urlsplit
 from ectransfer.config import BackendConfig, size
 from ectransfer.errors import ConfigError
 
-__all__ = ["ROLES", "NixlConfig", "parse_address", "parse_addresses"]
+__all__ = ["BESIDE_MIN", "ROLES", "NixlConfig", "parse_address", "parse_addresses"]
 
 ROLES = ("auto", "producer", "consumer", "both")
 LANDINGS = ("direct", "buffer")
+HASH_BESIDE = ("auto", "on", "off")
+#: ``hash_beside`` applies to entries of at least this many bytes
+BESIDE_MIN = 4 << 20
 
 
 def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -47,6 +51,10 @@ class NixlConfig(BackendConfig):
     lease_s: a saved item is freed this long after its put unless released earlier.
     landing: ``direct`` READs into the caller's tensor (registered for the call); ``buffer``
         READs into a receive buffer of ``recv_buffer_bytes`` registered once, then copies.
+    hash_beside: ``on``: a large entry (``landing="direct"``, 4 MiB or more) is READ in 1 MiB
+        pieces, each hashed on a second thread while the next one moves, and a producer hashes
+        what it copies into its arena the same way; ``off``: hashing on the calling thread;
+        ``auto`` (default): ``on`` where the host has more than two CPUs.
     lookup_timeout_s: bound of one producer's answer to ``exists`` (never blocks a scheduler step
         longer); ``exists_cache_s``: how long answers are reused; ``peer_backoff_s``: how long an
         unreachable producer is skipped by ``exists``.
@@ -63,6 +71,7 @@ class NixlConfig(BackendConfig):
     lease_s: float = 120.0
     landing: str = "direct"
     recv_buffer_bytes: int = size(256 << 20)
+    hash_beside: str = "auto"
     lookup_timeout_s: float = 0.5
     exists_cache_s: float = 0.25
     peer_backoff_s: float = 1.0
@@ -72,6 +81,9 @@ class NixlConfig(BackendConfig):
             raise ConfigError(f"nixl backend: option 'role' must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.landing not in LANDINGS:
             raise ConfigError(f"nixl backend: option 'landing' must be one of {', '.join(LANDINGS)}, got {self.landing!r}")
+        if self.hash_beside not in HASH_BESIDE:
+            raise ConfigError(f"nixl backend: option 'hash_beside' must be one of {', '.join(HASH_BESIDE)}, "
+                              f"got {self.hash_beside!r}")
         if not self.peers and not self.listen:
             raise ConfigError("nixl backend: no producer address: give nixl://host:port (option 'peers') or 'listen'")
         parse_addresses(self.peers, what="peer address (option 'peers')")
@@ -103,6 +115,11 @@ class NixlConfig(BackendConfig):
         if self.listen:
             return parse_address(self.listen, what="option 'listen'")
         return self.peer_addresses[0]
+
+    @property
+    def hashes_beside(self) -> bool:
+        """``hash_beside`` resolved for this host."""
+        return self.hash_beside == "on" or (self.hash_beside == "auto" and (os.cpu_count() or 1) > 2)
 
     @property
     def serves(self) -> bool:

@@ -22,10 +22,18 @@ import torch
 
 from ectransfer.backends.nixl.agent import Agent, Region
 from ectransfer.backends.nixl.arena import Arena, Slot
-from ectransfer.backends.nixl.config import NixlConfig
+from ectransfer.backends.nixl.config import BESIDE_MIN, NixlConfig
 from ectransfer.backends.nixl.peers import Peer, PeerSet
 from ectransfer.backends.nixl.producer import Producer
-from ectransfer.codec import EntryHeader, check_destination, parse_header, payload_view, verify_payload
+from ectransfer.codec import (
+    EntryHeader,
+    HashBeside,
+    PayloadVerifier,
+    check_destination,
+    parse_header,
+    payload_view,
+    verify_payload,
+)
 from ectransfer.errors import (
     CapacityError,
     CorruptEntryError,
@@ -37,11 +45,18 @@ from ectransfer.errors import (
 
 __all__ = ["Consumer"]
 
+#: ``hash_beside``: entries of BESIDE_MIN bytes or more are READ in pieces of ``_PIECE``, each hashed on a
+#: second thread while the next one moves. On the 16-core H200 host, where one cold checksum
+#: pass over 9.3 MB took 1.4-1.5 ms beside a 2.3-2.4 ms READ, pieces of 1.2 MB (8) cut READ +
+#: checksum from 3.7-3.9 to 2.8-3.3 ms (2.3 MB: 3.0-3.3); on the 2-core development machine
+#: it gained nothing (benchmarks/nixl_floor.py).
+_PIECE = 1 << 20
+
 
 class _Want:
     """One key of a fetch: where it is, how it lands."""
 
-    __slots__ = ("dest", "header", "loc", "mismatch", "out", "peer", "skey", "slot")
+    __slots__ = ("dest", "header", "loc", "mismatch", "out", "peer", "skey", "slot", "verifier")
 
     def __init__(self, skey: str, out: torch.Tensor | None) -> None:
         self.skey, self.out = skey, out
@@ -51,6 +66,7 @@ class _Want:
         self.dest: torch.Tensor | None = None
         self.mismatch = False
         self.slot: Slot | None = None
+        self.verifier: PayloadVerifier | None = None  # fed during the READ (hash_beside)
 
 
 class Consumer:
@@ -63,6 +79,7 @@ class Consumer:
         self._peers = PeerSet(config, config.peer_addresses if remote else (), local)
         self._recv: Arena | None = None
         self._recv_cond = threading.Condition()
+        self._hasher = cf.ThreadPoolExecutor(4, thread_name_prefix="nixl-hash") if config.hashes_beside else None
 
     # ----------------------------------------------------------------- queries
     def exists(self, skeys: list[str]) -> list[bool]:
@@ -240,10 +257,32 @@ class Consumer:
         local = [(int(w.dest.data_ptr()), w.header.nbytes, 0) for w in moving]  # type: ignore[union-attr]
         registration = agent.register(local, "DRAM")
         try:
-            agent.read(peer.agent_name or agent_name, local, remote, local_mem="DRAM", remote_mem=remote_mem,
-                       deadline=deadline)
+            name = peer.agent_name or agent_name
+            pieced = {i for i, (_, n, _) in enumerate(remote) if self._hasher is not None and n >= BESIDE_MIN}
+            whole = [i for i in range(len(moving)) if i not in pieced]
+            agent.read(name, [local[i] for i in whole], [remote[i] for i in whole], local_mem="DRAM",
+                       remote_mem=remote_mem, deadline=deadline)  # the rest of the batch: one READ
+            for i in sorted(pieced):
+                self._read_hashing(agent, name, moving[i], local[i], remote[i], remote_mem, deadline)
         finally:
             agent.deregister(registration)
+
+    def _read_hashing(self, agent: Agent, peer: str, w: _Want, local: Region, remote: Region, remote_mem: str,
+                      deadline: float) -> None:
+        """READ one entry in pieces, each hashed on a pool thread while the next one moves."""
+        assert self._hasher is not None and w.header is not None and w.dest is not None
+        verifier = PayloadVerifier(w.header, namespace=self._namespace, key=w.skey)
+        view = payload_view(w.dest)
+        beside = HashBeside(self._hasher, verifier)
+        try:
+            for start in range(0, w.header.nbytes, _PIECE):
+                n = min(_PIECE, w.header.nbytes - start)
+                agent.read(peer, [(local[0] + start, n, local[2])], [(remote[0] + start, n, remote[2])],
+                           local_mem="DRAM", remote_mem=remote_mem, deadline=deadline)
+                beside.put(view[start:start + n])
+        finally:
+            beside.finish()
+        w.verifier = verifier
 
     # ----------------------------------------------------------------- buffer landing
     def _recv_arena(self) -> Arena:
@@ -287,7 +326,9 @@ class Consumer:
     # ----------------------------------------------------------------- completion
     def _finish(self, w: _Want) -> torch.Tensor:
         assert w.header is not None and w.dest is not None
-        if self.config.landing != "buffer" or w.peer is None or not w.header.nbytes:
+        if w.verifier is not None:
+            w.verifier.finish()  # every piece was hashed as it landed
+        elif self.config.landing != "buffer" or w.peer is None or not w.header.nbytes:
             verify_payload(w.header, payload_view(w.dest), namespace=self._namespace, key=w.skey)
         if w.mismatch:
             assert w.out is not None
@@ -319,5 +360,7 @@ class Consumer:
 
     def close(self) -> None:
         self._peers.close()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
         if self._recv is not None:
             self._recv.close()

@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from ectransfer.backends.nixl.agent import Agent
 from ectransfer.backends.nixl.arena import ALIGN, Arena, Slot
-from ectransfer.backends.nixl.config import NixlConfig
+from ectransfer.backends.nixl.config import BESIDE_MIN, NixlConfig
 from ectransfer.backends.nixl.control import ControlServer
 from ectransfer.codec import EncodedEntry, encode, header_length
 from ectransfer.errors import CapacityError, ConfigError, CorruptEntryError, EntryNotFoundError
@@ -65,6 +66,8 @@ class Producer:
         self._retired: dict[tuple[str, int], _Item] = {}
         self._version = 0
         self._closed = False
+        # hash_beside: large entries are hashed on a second thread while they are copied in
+        self._hasher = ThreadPoolExecutor(4, thread_name_prefix="nixl-hash") if config.hashes_beside else None
         host, port = config.listen_address
         self.server = ControlServer(host, port, self.handle)
         self._reaper = threading.Thread(target=self._reap_loop, name=f"nixl-producer-{port}", daemon=True)
@@ -107,7 +110,8 @@ class Producer:
                 )
             slot = self._alloc(arena, skey, total)
         try:
-            head = arena.write(slot, data)[:head_len]
+            beside = self._hasher if total >= BESIDE_MIN else None
+            head = arena.write(slot, data, beside)[:head_len]
         except BaseException:
             with self._cond:
                 self._free_slot(slot)
@@ -282,6 +286,8 @@ class Producer:
             self._closed = True
             self._cond.notify_all()
         self._reaper.join(timeout=5)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
         with self._cond:
             self._live.clear()
             self._retired.clear()
