@@ -24,6 +24,7 @@ faster; larger ones go one command each, where pipelines did not help.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ from ectransfer.codec import (
     verify_payload,
 )
 from ectransfer.config import BackendConfig
-from ectransfer.errors import CorruptEntryError, EntryNotFoundError, TransferTimeoutError
+from ectransfer.errors import CapacityError, CorruptEntryError, EntryNotFoundError, TransferTimeoutError
 
 __all__ = ["RedisBackend"]
 
@@ -140,6 +141,7 @@ class RedisBackend(Backend[RedisConfig]):
         manifest = Manifest.plan(uuid.uuid4().bytes, entry.header, len(payload), self.config.chunk_bytes)
         chunk_keys = self._keys.chunks(skey, manifest.version, manifest.chunks)
         provisional_ms = round(((manifest.chunks + 2) * self.config.timeout_s + _PROVISIONAL_SLACK_S) * 1000)
+        started = time.monotonic()
         for ckey, (start, end) in zip(chunk_keys, manifest.spans()):
             self._client.set_chunk(ckey, payload[start:end], provisional_ms)
         final_ms = None if self._ttl_ms is None else self._ttl_ms + self._grace_ms
@@ -147,8 +149,14 @@ class RedisBackend(Backend[RedisConfig]):
         self._retire(skey, old, manifest.version)
         self._count("chunked_puts")
         if not all(alive):
-            # The write outlived the provisional expiry: withdraw the manifest unless replaced.
+            # A chunk vanished before the manifest went in: withdraw the manifest unless replaced.
             self._client.unlink_if_head(key, manifest.head())
+            if (time.monotonic() - started) * 1000 < provisional_ms:
+                # Too soon for the provisional expiry: the server evicted it (maxmemory policy).
+                raise CapacityError(
+                    f"redis backend: {sum(not a for a in alive)} of {manifest.chunks} chunks of {skey!r} were "
+                    f"evicted by the server before the item was complete; it is not stored (raise the "
+                    f"server's maxmemory or use a noeviction policy)")
             raise TransferTimeoutError(f"redis backend: writing {skey!r} took so long that its first chunks "
                                        f"expired ({manifest.chunks} chunks, timeout_s={self.config.timeout_s})")
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ectransfer import CorruptEntryError, EntryNotFoundError, TransferTimeoutError, open_backend
+from ectransfer import CapacityError, CorruptEntryError, EntryNotFoundError, TransferTimeoutError, open_backend
 from ectransfer.backends.redis import RedisBackend
 from ectransfer.backends.redis.layout import Manifest
 from ectransfer.testing import make_tensor, same_bits
@@ -330,8 +330,13 @@ def test_lru_eviction_never_yields_a_partial_item(tmp_path: Path) -> None:
                                                "--maxmemory-samples", "3"]) as srv:
         with open_backend(srv.url, chunk_bytes=256 << 10) as be:
             items = {f"img-{i}": make_tensor((512, 1024), torch.uint8, seed=i) for i in range(24)}  # 24 x 512 KiB
+            refused = set()
             for k, t in items.items():
-                be.put(k, t)
+                try:
+                    be.put(k, t)
+                except CapacityError as exc:  # the server evicted one of its chunks before the manifest
+                    assert "evicted" in str(exc) and "maxmemory" in str(exc)
+                    refused.add(k)
             outcomes = {"whole": 0, "absent": 0}
             for k, t in items.items():
                 try:
@@ -340,7 +345,34 @@ def test_lru_eviction_never_yields_a_partial_item(tmp_path: Path) -> None:
                     outcomes["absent"] += 1
                     assert be.exists([k]) == [False]
                     continue
+                assert k not in refused, f"{k}: a refused put left a readable item"
                 assert same_bits(got, t), f"{k}: a wrong tensor after eviction"
                 outcomes["whole"] += 1
             assert outcomes["absent"] > 0, "8 MB cannot hold 12 MB of items: something must have been evicted"
             assert be.client.info("stats")["evicted_keys"] > 0
+
+
+def test_put_whose_chunk_is_evicted_mid_write_is_refused_as_capacity(opener: Callable[..., RedisBackend]) -> None:
+    """What allkeys-lru can do to a put in progress, done on purpose: a chunk vanishes before the
+    manifest goes in. The put says so (CapacityError, not a timeout) and leaves nothing readable."""
+    be = opener(chunk_bytes=1024)
+    client = be._client
+    real_set_chunk = client.set_chunk
+    written: list[str] = []
+
+    def set_chunk_then_evict(key: str, value: memoryview, px: int) -> None:
+        real_set_chunk(key, value, px)
+        written.append(key)
+        if len(written) == 3:
+            be.client.delete(written[0])  # the server "evicts" the first chunk
+
+    client.set_chunk = set_chunk_then_evict  # type: ignore[method-assign]
+    try:
+        with pytest.raises(CapacityError, match="evicted"):
+            be.put("k", make_tensor((40, 40), torch.float16, seed=11))
+    finally:
+        client.set_chunk = real_set_chunk  # type: ignore[method-assign]
+    assert len(written) > 3
+    assert be.exists(["k"]) == [False]
+    with pytest.raises(EntryNotFoundError):
+        be.get("k")
