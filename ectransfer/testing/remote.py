@@ -118,8 +118,11 @@ class RemoteBackend(Backend[RemoteConfig]):
         with self._lock:
             if self.proc.poll() is not None:
                 raise BackendConnectionError(f"remote backend process exited with code {self.proc.returncode}")
-            _send(self._to_child, {"op": op, **kw})
-            reply = _recv(self._from_child, self.config.timeout_s)
+            try:
+                _send(self._to_child, {"op": op, **kw})
+                reply = _recv(self._from_child, self.config.timeout_s)
+            except OSError as exc:  # killed after the poll above, before it was reaped
+                raise BackendConnectionError(f"remote backend process is gone: {exc}") from exc
         if "error" in reply:
             raise self._error(reply)
         return reply.get("result")
