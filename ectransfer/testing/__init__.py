@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "INVALID_KEYS", "MUTATIONS", "BackendTests", "eventually", "make_tensor", "same_bits"]
+__all__ = ["DTYPES", "INVALID_KEYS", "MUTATIONS", "BackendTests", "error_within", "eventually", "make_tensor",
+           "same_bits"]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.uint8]
@@ -122,6 +124,25 @@ def eventually(call: Callable[[], Any], errors: tuple[type[BaseException], ...],
             if time.monotonic() > deadline:
                 raise
             time.sleep(interval_s)
+
+
+def error_within(call: Callable[[], Any], limit_s: float) -> BaseException | None:
+    """Run ``call`` on a thread; return what it raised (None: it returned). Raises
+    AssertionError if it is still running after ``limit_s``: a hang, not a slow answer."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            raised.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(limit_s)
+    if th.is_alive():
+        raise AssertionError(f"call still running after {limit_s} s: it hangs")
+    return raised[0] if raised else None
 
 
 def __getattr__(name: str) -> Any:

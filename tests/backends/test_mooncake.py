@@ -34,7 +34,7 @@ from ectransfer import (
 )
 from ectransfer.backend import Backend
 from ectransfer.backends.mooncake import MooncakeBackend
-from ectransfer.testing import BackendTests, make_tensor, same_bits
+from ectransfer.testing import BackendTests, error_within, make_tensor, same_bits
 
 ok, why = MooncakeBackend.is_available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"mooncake backend not available: {why}")
@@ -341,22 +341,6 @@ def test_unavailable_reasons_name_what_to_install() -> None:
 
 
 # ----------------------------------------------------------------------------- processes dying
-def _in_thread(fn: Callable[[], Any]) -> BaseException | None:
-    """Run ``fn`` in a thread; return what it raised (None: it returned); fail if it hangs."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            outcome.append(exc)
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(BOUND_S)
-    assert not th.is_alive(), f"the call hung for more than {BOUND_S} s"
-    return outcome[0]
 
 
 def test_master_killed_gives_typed_errors_without_hanging(tmp_path: Path) -> None:
@@ -371,10 +355,10 @@ def test_master_killed_gives_typed_errors_without_hanging(tmp_path: Path) -> Non
                                           lambda: be.exists(["k"]), lambda: be.delete(["k"]),
                                           lambda: be.put_many({"a": t}), lambda: be.get_many(["k"])]
         for call in calls:
-            exc = _in_thread(call)
+            exc = error_within(call, BOUND_S)
             assert isinstance(exc, (BackendConnectionError, TransferTimeoutError)), repr(exc)
         assert torch.count_nonzero(out.view(torch.int16)) == 0
-        assert _in_thread(be.close) is None
+        assert error_within(be.close, BOUND_S) is None
     finally:
         srv.stop()
 
@@ -393,10 +377,10 @@ def test_holder_killed_gives_an_error_or_a_miss_never_a_wrong_tensor(tmp_path: P
                 def load(o: torch.Tensor = out) -> None:
                     be.get_into("held", o)
 
-                exc = _in_thread(load)
+                exc = error_within(load, BOUND_S)
                 assert isinstance(exc, (BackendConnectionError, EntryNotFoundError, TransferTimeoutError)), repr(exc)
                 assert torch.count_nonzero(out.view(torch.int16)) == 0, "a failed get wrote into the caller's tensor"
-            exc = _in_thread(lambda: be.get("held"))
+            exc = error_within(lambda: be.get("held"), BOUND_S)
             assert isinstance(exc, (BackendConnectionError, EntryNotFoundError, TransferTimeoutError)), repr(exc)
     finally:
         srv.stop()
@@ -418,7 +402,7 @@ def test_stalled_master_times_out_and_never_writes_late(tmp_path: Path) -> None:
         try:
             out = torch.zeros_like(t)
             for call in (lambda: be.get_into("slow", out), lambda: be.exists(["slow"]), lambda: be.put("other", t)):
-                exc = _in_thread(call)
+                exc = error_within(call, BOUND_S)
                 assert isinstance(exc, TransferTimeoutError), repr(exc)
         finally:
             os.kill(srv.master.pid, signal.SIGCONT)
@@ -430,7 +414,7 @@ def test_stalled_master_times_out_and_never_writes_late(tmp_path: Path) -> None:
         assert torch.count_nonzero(out) == 0, "an abandoned call wrote into the caller's tensor"
         assert same_bits(be.get("slow"), t)  # the slots came back: the backend still works
     finally:
-        _in_thread(be.close)
+        error_within(be.close, BOUND_S)
         srv.stop()
 
 

@@ -185,13 +185,17 @@ class PeerSet:
             log.debug("unpin at %s failed: %s", peer.client.name, exc)
 
     # ----------------------------------------------------------------- release / delete
-    def release(self, skeys: list[str]) -> None:
-        """Best effort: tell the producers these entries may be freed (a lease frees them anyway)."""
+    def _free_here(self, skeys: list[str]) -> list[Peer]:
+        """Drop cached answers and this process's own copies of ``skeys``; the remote producers."""
         self.forget(skeys)
         local = self._local()
         if local is not None:
             local.free(skeys)
-        peers = self.remote()
+        return self.remote()
+
+    def release(self, skeys: list[str]) -> None:
+        """Best effort: tell the producers these entries may be freed (a lease frees them anyway)."""
+        peers = self._free_here(skeys)
         if not peers:
             return
         targeted: dict[int, list[str]] = {}
@@ -212,18 +216,14 @@ class PeerSet:
             log.debug("nixl release failed: %s", exc)
 
     def delete(self, skeys: list[str]) -> None:
-        self.forget(skeys)
-        local = self._local()
-        if local is not None:
-            local.free(skeys)
-        peers = self.remote()
+        peers = self._free_here(skeys)
         if not peers:
             return
         with self._lock:
             for k in skeys:
                 self._served.pop(k, None)
         replies, failures = self.ask(peers, {"op": "free", "keys": skeys}, self.config.timeout_s)
-        if not replies and local is None:
+        if not replies and self._local() is None:  # nobody at all could delete them
             raise next(iter(failures.values()))
 
     # ----------------------------------------------------------------- lifecycle

@@ -11,10 +11,10 @@ import torch
 
 from ectransfer import BackendConnectionError, CapacityError, ConfigError, open_backend
 from ectransfer.backends.redis import RedisBackend, RedisConfig
-from ectransfer.testing import make_tensor, same_bits
+from ectransfer.testing import error_within, make_tensor, same_bits
 from ectransfer.testing.servers import SpawnedServer, free_port
 from ectransfer.testing.servers import redis as servers
-from tests.backends.redis.helpers import SECRET, in_thread, needs_redis_server
+from tests.backends.redis.helpers import SECRET, needs_redis_server
 
 pytestmark = needs_redis_server
 
@@ -163,7 +163,7 @@ def test_server_killed_between_put_and_get(tmp_path: Path, kind: str) -> None:
             for p in srv.processes:
                 p.kill()
             for key in ("small", "big"):
-                err = in_thread(lambda k=key: be.get(k), limit_s=30)
+                err = error_within(lambda k=key: be.get(k), 30)
                 assert isinstance(err, BackendConnectionError), repr(err)
         finally:
             be.close()
@@ -174,7 +174,7 @@ def test_server_restart_reconnects(tmp_path: Path) -> None:
         with open_backend(srv.url, timeout_s=3) as be:
             be.put("k", torch.ones(4))
             srv.processes[0].kill()
-            assert isinstance(in_thread(lambda: be.exists(["k"]), 30), BackendConnectionError)
+            assert isinstance(error_within(lambda: be.exists(["k"]), 30), BackendConnectionError)
             servers.restart(srv)
             assert be.exists(["k"]) == [False], "the first call after the restart reconnects (data was not saved)"
             be.put("k", torch.full((4,), 2.0))
@@ -187,7 +187,7 @@ def test_cluster_restart_reconnects(tmp_path: Path) -> None:
             be.put("k", torch.ones(4))
             for p in srv.processes:
                 p.kill()
-            assert isinstance(in_thread(lambda: be.get("k"), 30), BackendConnectionError)
+            assert isinstance(error_within(lambda: be.get("k"), 30), BackendConnectionError)
             servers.restart(srv)
             be.put("k", torch.full((4,), 2.0))
             assert torch.equal(be.get("k"), torch.full((4,), 2.0))
@@ -195,5 +195,5 @@ def test_cluster_restart_reconnects(tmp_path: Path) -> None:
 
 def test_nothing_listening_fails_at_open() -> None:
     port = free_port()
-    err = in_thread(lambda: open_backend(f"redis://127.0.0.1:{port}/0", timeout_s=2), 30)
+    err = error_within(lambda: open_backend(f"redis://127.0.0.1:{port}/0", timeout_s=2), 30)
     assert isinstance(err, BackendConnectionError) and f"127.0.0.1:{port}" in str(err)
