@@ -99,7 +99,8 @@ class Agent:
     ``progress``: whether the agent runs NIXL's progress thread. A serving agent (the
     producer's) needs it: UCX only answers a consumer's connection set-up while its worker
     progresses. An agent that only initiates READs does not (checking a transfer's state
-    progresses its worker), and without the thread a READ measured faster on a 2-core host.
+    progresses its worker; READ times with and without the thread measured alike,
+    benchmarks/nixl_datapath.py).
     """
 
     def __init__(self, role: str, plugin: str, *, progress: bool = True) -> None:

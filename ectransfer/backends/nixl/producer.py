@@ -87,7 +87,8 @@ class Producer:
     # ----------------------------------------------------------------- writes
     def put(self, skey: str, tensor: torch.Tensor) -> None:
         # The payload starts on a slot-aligned address: a READ from an address that shares no
-        # alignment with the destination measured 15-25% slower (UCX cma, 9.3 MB).
+        # alignment with the destination measured 1-21% slower (UCX cma, 9.3 MB,
+        # benchmarks/nixl_datapath.py).
         entry = encode(tensor, self._namespace, align=ALIGN, defer_checksum=True)
         self._store(skey, entry, entry.nbytes, len(entry.header))
 
